@@ -14,7 +14,6 @@ The token comes from the usual places (argument, `HF_TOKEN`, the stored `hf auth
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -399,15 +398,10 @@ def push_folder(
                             switch="allow_changed=True" if flag == "repo_id" else "--allow-changed")
             refuse_non_finite_files(folder, files)
         contents = published_contents(folder, repo_id=repo_id, options=options)
-        bare_card = None
-        if options.create_pr:  # the card as a push to the branch uploads it: a pull request of it alone is none
-            bare = published_contents(folder, repo_id=repo_id, options=dataclasses.replace(options, create_pr=False))
-            bare_card = bare.get(CARD_FILENAME) or (folder / CARD_FILENAME).read_bytes()
         check_still_pinned(folder, files, handles)  # what was checked is what the open files hold
         with hub_timeouts() as seconds:
             return _push(folder, files, contents, repo_id, private=private, overwrite=overwrite, token=token,
-                         options=options, flag=flag, seconds=seconds, shown_as=shown_as, handles=handles,
-                         bare_card=bare_card)
+                         options=options, flag=flag, seconds=seconds, shown_as=shown_as, handles=handles)
 
 
 def refuse_push_over_parent(folder: Path, repo_id: str, flag: str) -> None:
@@ -499,7 +493,7 @@ def published_contents(folder: Path, *, repo_id: str | None = None, options: Com
         except UnicodeDecodeError:  # not the card hf-mudsc wrote: published as it is (check_unchanged judged it)
             return contents
         options = options or CommitOptions()
-        pushed = pushed_card(text, repo_id, options.branch, pull_request=options.create_pr).encode("utf-8")
+        pushed = pushed_card(text, repo_id, options.branch).encode("utf-8")
         if pushed != card:
             contents[CARD_FILENAME] = pushed
     return contents
@@ -509,11 +503,13 @@ def published_contents(folder: Path, *, repo_id: str | None = None, options: Com
 _USAGE_LOAD = re.compile(r'(\.from_pretrained\()"[^"\n]*"(?:, revision="[^"\n]*")?')
 
 
-def pushed_card(text: str, repo_id: str, branch: str = "main", *, pull_request: bool = False) -> str:
+def pushed_card(text: str, repo_id: str, branch: str = "main") -> str:
     """The card as pushed to `repo_id`'s `branch`: its "## Usage" snippet loads from there (the folder's card names the
     repo and branch it was written for, or `path/to/this/model`), so a folder written for a branch and pushed to main
-    (or the reverse) never tells readers to load another revision. A pull request's card says that the snippet's branch
-    holds these files once the pull request is merged. A card with no such snippet (a custom template) is unchanged."""
+    (or the reverse) never tells readers to load another revision. A pull request's card names its target branch,
+    which holds these files once the pull request is merged (the README says so; the card itself is not changed for
+    it, so a pull request of files the branch already holds changes nothing and is not opened). A card with no such
+    snippet (a custom template) is unchanged."""
     start = text.find("\n## Usage\n")
     opening = text.find("```python\n", start) if start >= 0 else -1
     closing = text.find("\n```", opening + len("```python\n")) if opening >= 0 else -1
@@ -521,10 +517,7 @@ def pushed_card(text: str, repo_id: str, branch: str = "main", *, pull_request: 
         return text
     target = json.dumps(repo_id) + (f", revision={json.dumps(branch)}" if branch != "main" else "")
     snippet = _USAGE_LOAD.sub(lambda match: match.group(1) + target, text[opening:closing])
-    end = closing + len("\n```")
-    note = (f"\n\nThis card is part of a pull request against `{branch}`: the snippet loads from `{branch}`, which "
-            "holds these files once the pull request is merged." if pull_request else "")
-    return text[:opening] + snippet + text[closing:end] + note + text[end:]
+    return text[:opening] + snippet + text[closing:]
 
 
 def _published_recipe(folder: Path) -> dict[str, bytes]:
@@ -548,7 +541,7 @@ def _published_recipe(folder: Path) -> dict[str, bytes]:
 def _commit(api: HfApi, repo_id: str, folder: Path, files: list[str], contents: dict[str, bytes], *,
             replace: bool, message: str, parent: str | None = None, made: list[CommitInfo] | None = None,
             handles: dict[str, BinaryIO] | None = None, options: CommitOptions | None = None,
-            deleted: list[str] | None = None, bare_card: bytes | None = None) -> CommitInfo:
+            deleted: list[str] | None = None) -> CommitInfo:
     """One commit adding exactly `files` (the writer's; `contents` gives some of them other bytes) and, when
     `replace`, deleting every other file of the repo but `.gitattributes`, so the old model's leftovers go with it.
     `parent`: the head this push read: the commit applies only on top of it (the Hub refuses it, 412, when someone
@@ -558,8 +551,7 @@ def _commit(api: HfApi, repo_id: str, folder: Path, files: list[str], contents: 
     deferred: made or not, never cut with its outcome unknown; it is appended to `made` before a deferred interrupt
     is raised. `handles`: the files as `pinned_files` opened them, uploaded from these (never opened again by name:
     the folder may have been replaced since). `options`: the description, branch and pull request of the commit.
-    `deleted` receives the names of the files the commit deletes. `bare_card`: a pull request's card without its note
-    (`pushed_card`), uploaded instead when the note would be the pull request's only change."""
+    `deleted` receives the names of the files the commit deletes."""
     options = options or CommitOptions()
     def source(name: str) -> bytes | BinaryIO | Path:
         if name in contents:
@@ -587,8 +579,6 @@ def _commit(api: HfApi, repo_id: str, folder: Path, files: list[str], contents: 
                        f" (in the pull request against {options.branch!r}, --overwrite)" if options.create_pr
                        else " (--overwrite)" if options.branch == "main" else f" (on the branch {options.branch!r})",
                        ", ".join(stale[:10]) + (f" and {len(stale) - 10} more" if len(stale) > 10 else ""))
-    if options.create_pr and bare_card is not None and not stale and CARD_FILENAME in contents:
-        adds = _without_a_lone_note(api, repo_id, adds, bare_card, options)
     deletes = [CommitOperationDelete(path_in_repo=name, is_folder=False) for name in stale]
     if deleted is not None:
         deleted[:] = stale
@@ -601,26 +591,9 @@ def _commit(api: HfApi, repo_id: str, folder: Path, files: list[str], contents: 
     return commit
 
 
-def _without_a_lone_note(api: HfApi, repo_id: str, adds: list[CommitOperationAdd], bare_card: bytes,
-                         options: CommitOptions) -> list[CommitOperationAdd]:
-    """A pull request whose only change would be its card's note (the branch already holds these files, its card
-    included): the card goes up without the note, so the commit changes nothing and no pull request is opened, as a
-    push of identical files makes no commit. Reads the Hub's answer to the pre-upload (each file's oid on the branch),
-    as `create_commit` does to drop unchanged files."""
-    def unchanged(add: CommitOperationAdd) -> bool:
-        return add._remote_oid is not None and add._remote_oid == add._local_oid
-
-    if [add.path_in_repo for add in adds if not unchanged(add)] != [CARD_FILENAME]:
-        return adds
-    card = CommitOperationAdd(path_in_repo=CARD_FILENAME, path_or_fileobj=bare_card)
-    api.preupload_lfs_files(repo_id, additions=[card], free_memory=False, revision=options.branch, create_pr=True)
-    return [card if add.path_in_repo == CARD_FILENAME else add for add in adds] if unchanged(card) else adds
-
-
 def _push(folder: Path, files: list[str], contents: dict[str, bytes], repo_id: str, *, private: bool,
           overwrite: bool, token: str | None, options: CommitOptions, flag: str, seconds: float,
-          shown_as: str | None = None, handles: dict[str, BinaryIO] | None = None,
-          bare_card: bytes | None = None) -> PushResult:
+          shown_as: str | None = None, handles: dict[str, BinaryIO] | None = None) -> PushResult:
     api = HfApi(token=token)
     state = _target_state(repo_id, overwrite=overwrite, token=token, flag=flag, seconds=seconds, options=options,
                           private=private)
@@ -686,7 +659,7 @@ def _push(folder: Path, files: list[str], contents: dict[str, bytes], repo_id: s
                     lambda: _commit(api, repo_id, folder, files, contents,
                                     replace=state in ("exists", "new-branch") or (state == "pr" and overwrite),
                                     message=message, parent=head_before, made=made, handles=handles,
-                                    options=options, deleted=deleted, bare_card=bare_card),
+                                    options=options, deleted=deleted),
                     seconds=seconds,
                 )
         except Exception as error:
