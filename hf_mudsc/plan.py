@@ -936,6 +936,11 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     whole = 1 + sum(_held_whole(unloaded(parent), streaming) for parent in located[1:])
     parents, models_meta = [], []
     header_keys: list[list[str] | None] = []
+    from hf_mudsc.load.parents import check_local_pickle_weights
+
+    # As the merge's header pass: a pickle that would run code is refused (it is never unpickled but weights-only).
+    unjudged = [parent.reference for parent in [*located, *([located_base] if located_base is not None else [])]
+                if not check_local_pickle_weights(parent)]
     for parent in located:
         model = parent.model if parent.model is not None else (parent.loaded.model if parent.loaded else None)
         if model is None:
@@ -1035,6 +1040,8 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
             options, len(models), concatenated=concatenated, has_data=calibration is not None,
             rereadable=not isinstance(calibration, Iterator)))
     warnings = [memory_refusal] if memory_refusal is not None else []
+    warnings += [f"{reference!r}: its pickle weights were not checked (a dry run downloads no weights); the merge "
+                 "reads them weights-only and refuses one that would run code" for reference in unjudged]
     if calibration_plan is not None and rows is not None and method.needs_calibration:
         from hf_mudsc.apply.fidelity import HOLDOUT_EVERY
 

@@ -21,14 +21,15 @@ logger = logging.getLogger(__name__)
 
 
 def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None = None,
-            progress: bool = True, base_origin: str | None = None) -> dict[str, Any]:
+            progress: bool = True, base_origin: str | None = None, commit: Any = None) -> dict[str, Any]:
     """Run a validated recipe: merge, save (and push) on the main process. Returns what was produced (`output`,
     `push`, `calibration_samples`, and `mudsc`: the merged config's record of what ran, its warnings included).
 
     `recipe_file`: the recipe's path, when it came from one (an input the output must not overlap).
     `progress`: progress bars on a terminal, periodic log lines otherwise (`hf_mudsc.progress`); False: neither.
     `base_origin`: how the recipe's `base` was found when the caller found it (the service resolves the base the
-    parents' cards name before a job starts, `load.parents.BASE_FROM_CARDS`): the config and card say so."""
+    parents' cards name before a job starts, `load.parents.BASE_FROM_CARDS`): the config and card say so.
+    `commit`: how the push commits (`publish.hub.CommitOptions`: message, description, branch, pull request)."""
     if not recipe.output and not recipe.push_to_hub:
         raise RecipeError("say where the merged model goes: --output DIR and/or --push-to-hub ORG/NAME")
     from hf_mudsc.calibrate.device import resolve_device
@@ -45,7 +46,8 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
     if recipe.push_to_hub and main:
         from hf_mudsc.publish.hub import check_target
 
-        check_target(recipe.push_to_hub, overwrite=recipe.overwrite, token=token)
+        check_target(recipe.push_to_hub, overwrite=recipe.overwrite, token=token, options=commit,
+                     private=bool(recipe.private))
 
     from hf_mudsc.calibrate.datasets import load_calibration_dataset, pin_calibration_revision
     from hf_mudsc.load.parents import load_parents_and_base
@@ -146,7 +148,7 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
     # On a failed push the written model is kept (in --output, or a folder the error names).
     produced = publish(merged, output=output, push_to_hub=recipe.push_to_hub, overwrite=recipe.overwrite,
                        private=recipe.private, token=token, recipe=pinned, parents=parents,
-                       processor=parents[0].processor)
+                       processor=parents[0].processor, commit=commit)
     if calibration is not None:
         produced["calibration_samples"] = merged.merge_report.num_samples
     produced["mudsc"] = merged.config.mudsc  # what ran (the method and α `auto` chose) and its warnings: the service's

@@ -27,6 +27,7 @@ from transformers import AutoModelForImageClassification
 
 import hf_mudsc
 from hf_mudsc.publish.folder import read_marker
+from hf_mudsc.publish.hub import pushed_card
 from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
 from hf_mudsc.solve.diagnostics import DIAGNOSTICS_FILENAME, PLOTS_FOLDER
 
@@ -217,7 +218,9 @@ def test_existing_repos_are_refused_and_overwrite_replaces_them_in_one_commit(hu
     assert len(log) == 3 and log[1].oid == taken_head
     assert set(hub.list_files("user/taken")) == written(folder) | {".gitattributes"}
     assert hub.is_private("user/taken")  # --private on an existing public repo makes it private
-    assert hub.file_bytes("user/taken", "README.md") == (folder / "README.md").read_bytes()
+    # the card as written, its usage snippet loading from the repo pushed to (`hub.pushed_card`)
+    assert hub.file_bytes("user/taken", "README.md").decode() == pushed_card((folder / "README.md").read_text(),
+                                                                             "user/taken")
     # Without --output the merge is staged in a temporary folder, pushed, and the folder removed.
     assert set(hub.list_files("user/hub-only")) == written(folder) | {".gitattributes"}
     assert [p for p in scratch.iterdir() if "hf-mudsc" in p.name] == []

@@ -34,7 +34,10 @@ RESULT_KEYS = {"library", "version", "parents", "parent_revisions", "parent_lice
                "refit_gate", "out_dtype_reason", "head_reordered", "processor_note"}
 # CLI arguments that are not options: the recipe file to run and the Hub token (never recorded).
 # (--quiet/--verbose: the global verbosity flags, which every command takes after it too)
-NON_OPTION_FLAGS = {"--recipe", "--token", "--help", "--quiet", "--verbose"}
+# --commit-message, --commit-description, --revision, --create-pr: how --push-to-hub commits (huggingface_hub's
+# options, `publish.hub.CommitOptions`), like --token no recipe key: a recipe says what to merge.
+NON_OPTION_FLAGS = {"--recipe", "--token", "--help", "--quiet", "--verbose", "--commit-message", "--commit-description",
+                    "--revision", "--create-pr"}
 
 
 def merge_keyword_mismatch(options: type[MergeOptions]) -> set[str]:

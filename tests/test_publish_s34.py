@@ -144,7 +144,7 @@ def test_a_push_while_a_merge_replaces_the_folder_uploads_the_one_merge_it_check
 
     from huggingface_hub import HfApi
 
-    from hf_mudsc.publish.hub import push_folder
+    from hf_mudsc.publish.hub import CARD_FILENAME, push_folder, pushed_card
     from hf_mudsc.publish.recipe import RECIPE_FILENAME, published_text
 
     folder, other = tmp_path / "merged", tmp_path / "other"
@@ -152,6 +152,7 @@ def test_a_push_while_a_merge_replaces_the_folder_uploads_the_one_merge_it_check
     shutil.copytree(two_merges / "merged-other", other)
     expected = _files(folder)
     expected[RECIPE_FILENAME] = published_text(expected[RECIPE_FILENAME].decode(), name=RECIPE_FILENAME).encode()
+    expected[CARD_FILENAME] = pushed_card(expected[CARD_FILENAME].decode(), "user/merged").encode()
     real = HfApi.preupload_lfs_files
 
     def replaced_then_uploaded(self, *args, **kwargs):

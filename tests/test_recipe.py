@@ -42,7 +42,10 @@ def test_every_merge_flag_has_a_recipe_key():
     merge_parser = next(a for a in build_parser()._subparsers._group_actions[0].choices.items()
                         if a[0] == "merge")[1]
     # -q/-v: the global verbosity flags, which every command takes after it too (not merge options)
-    dests = {action.dest for action in merge_parser._actions} - {"help", "recipe", "token", "quiet", "verbose"}
+    # --commit-message ... --create-pr: how --push-to-hub commits, no recipe key (as --token)
+    dests = {action.dest for action in merge_parser._actions} - {"help", "recipe", "token", "quiet", "verbose",
+                                                                 "commit_message", "commit_description", "revision",
+                                                                 "create_pr"}
     assert dests == set(Recipe.keys())
 
 

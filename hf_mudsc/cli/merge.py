@@ -21,6 +21,7 @@ from dataclasses import Field
 from pathlib import Path
 from typing import Any
 
+from hf_mudsc.cli.push import add_commit_arguments, commit_options, pushed_line
 from hf_mudsc.errors import RecipeError, escaped
 from hf_mudsc.load.hub_calls import hub_error_line
 from hf_mudsc.load.references import hide_tokens
@@ -84,6 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser, options: type[MergeOptions] =
     for option in options.option_fields():
         flags, kwargs = option_argument(option)
         parser.add_argument(*flags, **kwargs)
+    # How --push-to-hub commits: not recipe keys (they say where, not what, to merge).
+    add_commit_arguments(parser, of="--push-to-hub: ")
     parser.add_argument(
         "--token", metavar="TOKEN", default=S,
         help="Hub token for private parents and pushing (default: HF_TOKEN or the stored `hf auth login`; "
@@ -143,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
         recipe = build_recipe(args)
         # Every local input that is not there, at once (as `inspect RECIPE` lists them), before anything is loaded.
         recipe.check_local_inputs(getattr(args, "recipe", None))
+        commit = commit_options(args)
+        check_commit_flags(recipe, commit)
     except RecipeError as error:
         print(f"hf-mudsc merge: error: {escaped(hide_tokens(str(error)))}", file=sys.stderr)
         return 2
@@ -171,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = execute(recipe, token=getattr(args, "token", None), recipe_file=getattr(args, "recipe", None),
-                         progress=not getattr(args, "quiet", False))
+                         progress=not getattr(args, "quiet", False), commit=commit)
     except (PushError, HfHubHTTPError) as error:
         print(f"hf-mudsc merge: error: {escaped(hide_tokens(hub_error_line(error)))}", file=sys.stderr)
         return 1
@@ -181,10 +186,24 @@ def run(args: argparse.Namespace) -> int:
         print(f"Calibrated on {used} samples{short}")
     if result.get("output"):
         print(f"Merged model written to {result['output']}")
-    if result.get("push"):
-        push = result["push"]
-        if push.changed:
-            print(f"Pushed to {push.url} (commit {push.commit_sha})")
-        else:  # the same files again: no commit was made (as `hf-mudsc push` says it)
-            print(f"Nothing to push: {push.repo_id} already holds exactly these files (commit {push.commit_sha})")
+    if result.get("push"):  # as `hf-mudsc push` says it: the branch or pull request, or that nothing changed
+        print(pushed_line(None, result["push"]))
     return 0
+
+
+def check_commit_flags(recipe: Recipe, commit: Any) -> None:
+    """Refuse --commit-message, --commit-description, --revision or --create-pr without --push-to-hub (they would
+    be ignored), and values the push would refuse (`hub.check_commit_options`), before anything is loaded."""
+    given = [name for name, value in (("--commit-message", commit.message),
+                                      ("--commit-description", commit.description),
+                                      ("--revision", commit.revision), ("--create-pr", commit.create_pr)) if value]
+    if given and not recipe.push_to_hub:
+        raise RecipeError(f"{', '.join(given)} {'says' if len(given) == 1 else 'say'} how --push-to-hub commits; "
+                          "add --push-to-hub ORG/NAME, or leave "
+                          f"{'it' if len(given) == 1 else 'them'} out")
+    from hf_mudsc.publish.hub import check_commit_options
+
+    try:
+        check_commit_options(commit)
+    except ValueError as error:
+        raise RecipeError(str(error)) from None

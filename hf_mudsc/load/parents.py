@@ -1363,6 +1363,22 @@ def _check_pickle_dtypes(located: _Located) -> str | None:
     return dtype_description(stored.values())
 
 
+def check_local_pickle_weights(located: _Located) -> bool:
+    """The merge's header-pass check of a pickle checkpoint (`_check_pickle_dtypes`: a file that would run code when
+    unpickled, weights that are not floating point) for a dry run, which fetches no weights: run on the files already
+    on this machine (a local folder, a cached snapshot). Returns whether it ran (False: a Hub parent's pickle files
+    are not here, so the dry run cannot judge them)."""
+    if not located.use_pickle or located.folder is None or located.loaded is not None or located.model is not None:
+        return True
+    names = [name for weight_file in located.weight_files for name in (
+        [weight_file] if not weight_file.endswith(".index.json") or not (located.folder / weight_file).is_file()
+        else [weight_file, *_shard_names(located.reference, located.folder, weight_file)])]
+    if not names or not all((located.folder / name).is_file() for name in names):
+        return False
+    _check_pickle_dtypes(located)
+    return True
+
+
 def _finish_lazily(located: _Located) -> LoadedParent | None:
     """A parent whose tensors are read on access (a model on the meta device + `LazyParameters`), or None when
     the checkpoint's tensors are not exactly the model's parameters with their shapes (tied weights saved once,

@@ -58,8 +58,8 @@ def looks_like_token(text: str) -> bool:
 def repo_id_refusal(repo_id: str, where: str) -> str | None:
     """Why `repo_id` cannot be a Hub repo to push to, in one line starting with `where` it was given (the flag,
     argument or `option_hint`), or None: a token pasted in its place (never shown), no `org/name`, or a name the Hub
-    refuses (huggingface_hub's `validate_repo_id`: characters, `--`/`..`, 96 characters, `.git`) — known before any
-    Hub call."""
+    refuses (huggingface_hub's `validate_repo_id`: characters, `--`/`..`, 96 characters, `.git`), or `org/name@branch`
+    (pointed at the revision option) — known before any Hub call."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -68,6 +68,11 @@ def repo_id_refusal(repo_id: str, where: str) -> str | None:
                 f"`org/name`, and {TOKEN_FIX}")
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         return f"{where} must look like `org/name` (a Hub repo id), got {repo_id!r}"
+    name, at, revision = repo_id.partition("@")
+    if at and revision and repo_id_refusal(name, where) is None:  # as parents are named: the branch has its option
+        option = "revision=" if where.startswith("repo_id") else "--revision"
+        return (f"{where} {repo_id!r} names a revision, which a push target does not take: give the repo as {name!r} "
+                f"and the branch with {option} {revision!r}")
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:

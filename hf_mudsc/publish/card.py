@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib.resources
 import inspect
+import json
 import math
 import numbers
 import os
@@ -518,6 +519,7 @@ def render_card(
     template: str | os.PathLike | None = None,
     plots: Iterable[Mapping[str, str]] = (),
     processor_saved: bool = True,
+    revision: str | None = None,
 ) -> MergeCard:
     """Render the card of a merged model.
 
@@ -532,6 +534,9 @@ def render_card(
             to the card (`plots/match_quality.png`); they fill its "Diagnostics" section.
         processor_saved: a processor is saved with the model; without one the usage snippet loads none (it
             must run as written on the folder).
+        revision: the branch of the push target the model is pushed to, or whose pull request it is in (not
+            main): the usage snippet loads it from there (`from_pretrained(repo, revision=...)`), else it would load
+            main's model.
 
     Returns:
         A `huggingface_hub.ModelCard` (a `MergeCard`: `str(card)` is the README; `card.save(path)`, `card.data`).
@@ -574,6 +579,9 @@ def render_card(
         head_kind=head_kind(model.config),
         auto_processor=_AUTO_CLASSES[data.pipeline_tag][1] if processor_saved else None,
         repo_id=recipe.push_to_hub,
+        # A Python string literal (json's quoting is Python's for a branch name): `, revision="dev"` after the repo.
+        revision_argument=(f", revision={json.dumps(revision)}" if recipe.push_to_hub and revision
+                           and revision != "main" else ""),
         parents=infos,
         parent_letters=letters,
         license_note=license_note(mudsc, letters),

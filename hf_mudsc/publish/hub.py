@@ -14,8 +14,10 @@ The token comes from the usual places (argument, `HF_TOKEN`, the stored `hf auth
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from hf_mudsc.errors import PushError, PushInterrupted, RepoExistsError
 from hf_mudsc.load.hub_calls import http_client, hub_call, hub_error_line
-from hf_mudsc.load.references import clean_token, repo_id_refusal, without_userinfo
+from hf_mudsc.load.references import TOKEN_FIX, clean_token, looks_like_token, repo_id_refusal, without_userinfo
 from hf_mudsc.publish.folder import (
     MARKER_FILENAME,
     changed_files,
@@ -53,7 +55,10 @@ GITATTRIBUTES = ".gitattributes"
 @dataclass(frozen=True)
 class PushResult:
     """What a push did. `changed=False`: the repo already held exactly these files, so no commit was made
-    (`commit_sha` is its head). URLs never carry the credentials an `HF_ENDPOINT` may hold."""
+    (`commit_sha` is its head). `revision`: the branch committed to (None: main); `pr_url`: the pull request
+    opened (`create_pr`), as huggingface_hub's `CommitInfo.pr_url`; `deleted`: the branch's files the commit (or pull
+    request) deletes because the folder lacks them (only with `overwrite`). URLs never carry the credentials an
+    `HF_ENDPOINT` may hold."""
 
     repo_id: str
     commit_sha: str
@@ -61,6 +66,61 @@ class PushResult:
     url: str
     created: bool
     changed: bool = True
+    revision: str | None = None
+    pr_url: str | None = None
+    deleted: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CommitOptions:
+    """How a push commits, with huggingface_hub's names and `HfApi.create_commit`'s semantics (what the push calls):
+    the commit's title and description; the branch committed to (`revision`, default main; a branch the repo lacks
+    is created from main first, as `push_to_hub` and `hf upload` do); `create_pr`: open a pull request against that
+    branch instead of committing to it (the branch must exist; any branch, as `create_commit` allows). Not recipe
+    keys: they say where and how a result is published, not what is merged."""
+
+    message: str | None = None
+    description: str | None = None
+    revision: str | None = None
+    create_pr: bool = False
+
+    @property
+    def branch(self) -> str:
+        """The branch the push commits to, or opens its pull request against."""
+        return self.revision or "main"
+
+
+# A branch name the Hub takes (git's rules, simplified): no space, `..`, `~^:?*[\`, leading `-`/`/`/`.`, or `.lock`.
+_BRANCH = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]*")
+_SHA = re.compile(r"[0-9a-f]{40}")
+
+
+def check_commit_options(options: CommitOptions, *, api_names: bool = False) -> None:
+    """Refuse, before any Hub call, commit options the Hub would refuse mid-push or that would publish a token: an
+    empty message, a revision that is no branch name (a `refs/...` ref, a commit sha), a token in any of them.
+    `api_names`: name the keyword arguments (`revision=`) rather than the CLI flags (`--revision`)."""
+    def name(option: str) -> str:
+        return f"{option}=" if api_names else f"--{option.replace('_', '-')}"
+
+    for option, text in (("commit_message", options.message), ("commit_description", options.description),
+                         ("revision", options.revision)):
+        if text is not None and looks_like_token(text):
+            raise ValueError(f"{name(option)} looks like it holds a Hugging Face access token (not shown), which "
+                             f"would be published; {TOKEN_FIX}")
+    if options.message is not None and not options.message.strip():
+        raise ValueError(f"{name('commit_message')} is empty; give the commit a title, or leave it out for the "
+                         "default one")
+    revision = options.revision
+    if revision is None:
+        return
+    if revision.startswith("refs/"):
+        raise ValueError(f"{name('revision')} {revision!r} is a git ref, not a branch name: name a branch (e.g. "
+                         f"'dev'); to open a pull request pass {'create_pr=True' if api_names else '--create-pr'} "
+                         "(pushing into an existing pull request is not supported)")
+    if (not _BRANCH.fullmatch(revision) or ".." in revision or "//" in revision or revision.endswith(("/", ".lock"))
+            or _SHA.fullmatch(revision)):
+        raise ValueError(f"{name('revision')} {revision!r} is not a branch name the Hub accepts (letters, digits, "
+                         "'.', '_', '-', '/'; not a commit sha); a push commits to a branch")
 
 
 def hub_timeout() -> float:
@@ -189,53 +249,94 @@ def published_files(folder: str | os.PathLike) -> list[str]:
 def check_repo_id(repo_id: str, *, flag: str = "--push-to-hub name") -> None:
     """Refuse a repo id to push to that is no `org/name`, one the Hub would refuse (`repo_id_refusal`), or that holds
     a token (pasted where the id goes): its every Hub call would send the token in a URL, and the repo created would
-    be named after it."""
+    be named after it. `org/name@branch` (as parents are named) is refused pointing at the revision option."""
     refusal = repo_id_refusal(repo_id, flag)
     if refusal is not None:
         raise ValueError(refusal)
 
 
-def _is_empty(api: HfApi, repo_id: str) -> bool:
+def _is_empty(api: HfApi, repo_id: str, revision: str = "main") -> bool:
     """Only the Hub's initial commit (no file but .gitattributes): what a push killed after creating it leaves."""
     try:
-        files = api.list_repo_files(repo_id)
-        commits = api.list_repo_commits(repo_id)
+        files = api.list_repo_files(repo_id, revision=revision)
+        commits = api.list_repo_commits(repo_id, revision=revision)
     except HfHubHTTPError:
         return False
     return set(files) <= {".gitattributes"} and len(commits) <= 1
 
 
-def _target_state(repo_id: str, *, overwrite: bool, token: str | None, flag: str, seconds: float) -> str:
-    """"absent", "empty" (pushed into without --overwrite) or "exists" (only with `overwrite`)."""
+def _target_state(repo_id: str, *, overwrite: bool, token: str | None, flag: str, seconds: float,
+                  options: CommitOptions | None = None, private: bool = False) -> str:
+    """"absent", "empty" (pushed into without --overwrite), "new-branch" (a branch the repo lacks: created from main,
+    its copy of main's files replaced on it, main untouched), "pr" (a pull request: nothing changes until someone
+    merges it, so no overwrite needed; it adds and replaces files, and deletes the branch's others only with
+    `overwrite`) or "exists" (only with `overwrite`: the branch's files replaced). `private` on an existing public
+    repo is refused unless the push commits to main (a branch or a pull request must not change the repo)."""
+    options = options or CommitOptions()
+    api_names = flag == "repo_id"
     check_repo_id(repo_id, flag=flag)
+    check_commit_options(options, api_names=api_names)
     api = HfApi(token=token)
     exists = _step(f"checking whether the repo {repo_id!r} exists", lambda: api.repo_exists(repo_id),
                    seconds=seconds)
+    branch = options.branch
+    pr_switch = "create_pr=True" if api_names else "--create-pr"
     if not exists:
+        if options.create_pr and branch != "main":
+            raise ValueError(f"the Hub repo {repo_id!r} does not exist, so it has no branch {branch!r} to open a pull "
+                             f"request against; push without {pr_switch} (the repo and the branch are created)")
         return "absent"
-    if _step(f"listing the files of the repo {repo_id!r}", lambda: _is_empty(api, repo_id), seconds=seconds):
-        logger.warning("the Hub repo %s exists but is empty (left by an interrupted push?): pushing into it",
-                       repo_id)
+    if private and (options.create_pr or branch != "main") and not _step(
+            f"reading the repo {repo_id!r}", lambda: api.repo_info(repo_id), seconds=seconds).private:
+        switch = "private=True" if api_names else "--private"
+        change = ("a pull request only proposes a change" if options.create_pr
+                  else f"a push to the branch {branch!r} changes only that branch")
+        raise ValueError(f"{switch} would make the public repo {repo_id!r} private, and {change}; leave {switch} out "
+                         "(or change the repo's visibility yourself)")
+    if branch != "main":
+        refs = _step(f"listing the branches of {repo_id!r}", lambda: api.list_repo_refs(repo_id), seconds=seconds)
+        branches = {ref.name for ref in refs.branches}
+        if branch not in branches and branch in {ref.name for ref in refs.tags}:
+            raise ValueError(f"{branch!r} is a tag of the Hub repo {repo_id!r}, not a branch: a push commits to a "
+                             "branch; choose another revision")
+        if branch not in branches:
+            if options.create_pr:
+                raise ValueError(f"the Hub repo {repo_id!r} has no branch {branch!r} to open a pull request against; "
+                                 f"push without {pr_switch} to create it from main, or name an existing branch")
+            logger.info("the Hub repo %s has no branch %r: it is created from main (as huggingface_hub's push_to_hub "
+                        "does), and the push replaces main's files on it (main keeps them)", repo_id, branch)
+            return "new-branch"
+    where = f"the Hub repo {repo_id!r}" if branch == "main" else f"the branch {branch!r} of the Hub repo {repo_id!r}"
+    if _step(f"listing the files of {where}", lambda: _is_empty(api, repo_id, branch), seconds=seconds):
+        logger.warning("%s exists but is empty (left by an interrupted push?): pushing into it", where)
         return "empty"
+    if options.create_pr:
+        return "pr"
     if not overwrite:
-        switch = "overwrite=True" if flag == "repo_id" else "--overwrite"  # the API's argument or the CLI flag
-        raise RepoExistsError(
-            f"the Hub repo {repo_id!r} already exists; pass {switch} to replace its files "
-            f"(in one commit), or choose another {flag}"
-        )
+        switch = "overwrite=True" if api_names else "--overwrite"  # the API's argument or the CLI flag
+        if branch == "main":
+            raise RepoExistsError(
+                f"the Hub repo {repo_id!r} already exists; pass {switch} to replace its files "
+                f"(in one commit), or choose another {flag}"
+            )
+        raise RepoExistsError(f"{where} already holds files; pass {switch} to replace them on that branch (in one "
+                              f"commit), {pr_switch} to propose them in a pull request, or choose another branch")
     return "exists"
 
 
 def check_target(
-    repo_id: str, *, overwrite: bool = False, token: str | None = None, flag: str = "--push-to-hub name"
+    repo_id: str, *, overwrite: bool = False, token: str | None = None, flag: str = "--push-to-hub name",
+    options: CommitOptions | None = None, private: bool = False,
 ) -> bool:
-    """Refuse an existing repo unless `overwrite` (called before any heavy work). Returns: it exists.
+    """Refuse an existing repo (or branch of it, `options.revision`) unless `overwrite` or `options.create_pr`, and
+    commit options the push would fail on (called before any heavy work). Returns: the repo exists.
 
     An empty repo (the initial commit only, as a push killed after creating it leaves) is not refused.
     `flag` names where the user gave the repo id, for the message.
     """
     with hub_timeouts() as seconds:
-        return _target_state(repo_id, overwrite=overwrite, token=token, flag=flag, seconds=seconds) != "absent"
+        return _target_state(repo_id, overwrite=overwrite, token=token, flag=flag, seconds=seconds,
+                             options=options, private=private) != "absent"
 
 
 def push_folder(
@@ -250,17 +351,27 @@ def push_folder(
     allow_changed: bool = False,
     just_written: bool = False,
     shown_as: str | None = None,
+    commit_description: str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
 ) -> PushResult:
     """Create `repo_id` (model repo) and upload `folder` to it in one commit.
 
     Args:
         folder: a merged-model folder written by hf-mudsc (`check_folder`); the marker is not uploaded.
         repo_id: `org/name`.
-        private: create the repo private (an existing public repo is made private too).
+        private: create the repo private (an existing public repo is made private too, by a push to main only;
+            with a branch or a pull request it is refused).
         overwrite: allow an existing repo; its files are replaced by the folder's in the same commit.
             An empty repo (initial commit only) is pushed into without it.
         token: a Hub token; default: `HF_TOKEN` or the stored login.
         commit_message: the commit's title (default: `commit_title` of the folder's name).
+        commit_description: the commit's description (or the pull request's).
+        revision: the branch to commit to (default main); one the repo lacks is created from main first (as
+            `push_to_hub` and `hf upload` do) and needs no `overwrite`: main keeps its files.
+        create_pr: open a pull request against `revision` (which must exist) instead of committing to it; it
+            needs no `overwrite` (nothing changes until it is merged) and adds and replaces the folder's files;
+            with `overwrite` it also deletes the branch's files the folder lacks (`PushResult.deleted`).
         flag: how the user named the repo (for messages): `--push-to-hub name`, `ORG/NAME`, `repo_id`.
         allow_changed: publish files changed since hf-mudsc wrote them, as they are (`check_unchanged` refuses
             them otherwise); NaN/inf weights are refused all the same.
@@ -276,6 +387,9 @@ def push_folder(
             when nothing was committed.
     """
     token = clean_token(token)  # a token read from a file, its line break with it
+    options = CommitOptions(commit_message, commit_description, revision, bool(create_pr))
+    check_repo_id(repo_id, flag=flag)  # the arguments themselves, before any file is read
+    check_commit_options(options, api_names=flag == "repo_id")
     with pinned_files(folder) as (files, handles):
         folder = check_folder(folder)
         if not just_written:
@@ -283,12 +397,11 @@ def push_folder(
             check_unchanged(folder, allow_changed=allow_changed,
                             switch="allow_changed=True" if flag == "repo_id" else "--allow-changed")
             refuse_non_finite_files(folder, files)
-        contents = published_contents(folder)
+        contents = published_contents(folder, repo_id=repo_id, options=options)
         check_still_pinned(folder, files, handles)  # what was checked is what the open files hold
         with hub_timeouts() as seconds:
             return _push(folder, files, contents, repo_id, private=private, overwrite=overwrite, token=token,
-                         commit_message=commit_message, flag=flag, seconds=seconds, shown_as=shown_as,
-                         handles=handles)
+                         options=options, flag=flag, seconds=seconds, shown_as=shown_as, handles=handles)
 
 
 def refuse_push_over_parent(folder: Path, repo_id: str, flag: str) -> None:
@@ -366,9 +479,49 @@ def refuse_non_finite_files(folder: Path, files: list[str]) -> None:
                      "changed since — write it again with `hf-mudsc merge ... --output DIR`")
 
 
-def published_contents(folder: Path) -> dict[str, bytes]:
+def published_contents(folder: Path, *, repo_id: str | None = None, options: CommitOptions | None = None
+                       ) -> dict[str, bytes]:
     """The files uploaded with other bytes than the folder's: the recipe with its local folders named by folder
-    name (`recipe.published_text`), when it has any. Read from the folder, which is never changed."""
+    name (`recipe.published_text`), when it has any; the card with its "how to load" snippet naming the push's
+    target (`repo_id`, `options`' branch: `pushed_card`), whatever repo and branch the folder was written for. Read
+    from the folder, which is never changed (so `check_unchanged` still accepts it)."""
+    contents = _published_recipe(folder)
+    if repo_id is not None:
+        card = (folder / CARD_FILENAME).read_bytes()
+        try:
+            text = card.decode("utf-8")
+        except UnicodeDecodeError:  # not the card hf-mudsc wrote: published as it is (check_unchanged judged it)
+            return contents
+        options = options or CommitOptions()
+        pushed = pushed_card(text, repo_id, options.branch).encode("utf-8")
+        if pushed != card:
+            contents[CARD_FILENAME] = pushed
+    return contents
+
+
+# The usage snippet's loads, as the card template writes them: `.from_pretrained("REPO"` and the revision after it.
+_USAGE_LOAD = re.compile(r'(\.from_pretrained\()"[^"\n]*"(?:, revision="[^"\n]*")?')
+
+
+def pushed_card(text: str, repo_id: str, branch: str = "main") -> str:
+    """The card as pushed to `repo_id`'s `branch`: its "## Usage" snippet loads from there (the folder's card names the
+    repo and branch it was written for, or `path/to/this/model`), so a folder written for a branch and pushed to main
+    (or the reverse) never tells readers to load another revision. A pull request's card names its target branch,
+    which holds these files once the pull request is merged (the README says so; the card itself is not changed for
+    it, so a pull request of files the branch already holds changes nothing and is not opened). A card with no such
+    snippet (a custom template) is unchanged."""
+    start = text.find("\n## Usage\n")
+    opening = text.find("```python\n", start) if start >= 0 else -1
+    closing = text.find("\n```", opening + len("```python\n")) if opening >= 0 else -1
+    if closing < 0:
+        return text
+    target = json.dumps(repo_id) + (f", revision={json.dumps(branch)}" if branch != "main" else "")
+    snippet = _USAGE_LOAD.sub(lambda match: match.group(1) + target, text[opening:closing])
+    return text[:opening] + snippet + text[closing:]
+
+
+def _published_recipe(folder: Path) -> dict[str, bytes]:
+    """The recipe as published (`recipe.published_text`), when its bytes differ from the folder's."""
     path = folder / RECIPE_FILENAME
     size = path.stat().st_size
     if size > MAX_RECIPE_BYTES:  # read whole below: refused as `Recipe.load` refuses it
@@ -387,7 +540,8 @@ def published_contents(folder: Path) -> dict[str, bytes]:
 
 def _commit(api: HfApi, repo_id: str, folder: Path, files: list[str], contents: dict[str, bytes], *,
             replace: bool, message: str, parent: str | None = None, made: list[CommitInfo] | None = None,
-            handles: dict[str, BinaryIO] | None = None) -> CommitInfo:
+            handles: dict[str, BinaryIO] | None = None, options: CommitOptions | None = None,
+            deleted: list[str] | None = None) -> CommitInfo:
     """One commit adding exactly `files` (the writer's; `contents` gives some of them other bytes) and, when
     `replace`, deleting every other file of the repo but `.gitattributes`, so the old model's leftovers go with it.
     `parent`: the head this push read: the commit applies only on top of it (the Hub refuses it, 412, when someone
@@ -396,7 +550,9 @@ def _commit(api: HfApi, repo_id: str, folder: Path, files: list[str], contents: 
     The large files are uploaded first (Ctrl-C stops that at once), then the commit is made with Ctrl-C and SIGTERM
     deferred: made or not, never cut with its outcome unknown; it is appended to `made` before a deferred interrupt
     is raised. `handles`: the files as `pinned_files` opened them, uploaded from these (never opened again by name:
-    the folder may have been replaced since)."""
+    the folder may have been replaced since). `options`: the description, branch and pull request of the commit.
+    `deleted` receives the names of the files the commit deletes."""
+    options = options or CommitOptions()
     def source(name: str) -> bytes | BinaryIO | Path:
         if name in contents:
             return contents[name]
@@ -413,31 +569,43 @@ def _commit(api: HfApi, repo_id: str, folder: Path, files: list[str], contents: 
         return handle
 
     adds = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=source(name)) for name in files]
-    api.preupload_lfs_files(repo_id, additions=adds, free_memory=False)
+    api.preupload_lfs_files(repo_id, additions=adds, free_memory=False, revision=options.branch,
+                            create_pr=options.create_pr)
     stale = (sorted(set(api.list_repo_files(repo_id, revision=parent)) - set(files) - {GITATTRIBUTES}) if replace
              else [])
     if stale:  # the repo's own files, gone with this commit (the old revision keeps them): say which
-        logger.warning("deleting %d file%s of %r that the folder does not hold (--overwrite): %s", len(stale),
+        logger.warning("deleting %d file%s of %r that the folder does not hold%s: %s", len(stale),
                        "s" if len(stale) > 1 else "", repo_id,
+                       f" (in the pull request against {options.branch!r}, --overwrite)" if options.create_pr
+                       else " (--overwrite)" if options.branch == "main" else f" (on the branch {options.branch!r})",
                        ", ".join(stale[:10]) + (f" and {len(stale) - 10} more" if len(stale) > 10 else ""))
     deletes = [CommitOperationDelete(path_in_repo=name, is_folder=False) for name in stale]
+    if deleted is not None:
+        deleted[:] = stale
     with interrupts_deferred():
         commit = api.create_commit(repo_id=repo_id, operations=[*deletes, *adds], commit_message=message,
-                                   parent_commit=parent)
+                                   commit_description=options.description, revision=options.branch,
+                                   create_pr=options.create_pr, parent_commit=parent)
         if made is not None:
             made.append(commit)
     return commit
 
 
 def _push(folder: Path, files: list[str], contents: dict[str, bytes], repo_id: str, *, private: bool,
-          overwrite: bool, token: str | None, commit_message: str | None, flag: str, seconds: float,
+          overwrite: bool, token: str | None, options: CommitOptions, flag: str, seconds: float,
           shown_as: str | None = None, handles: dict[str, BinaryIO] | None = None) -> PushResult:
     api = HfApi(token=token)
-    state = _target_state(repo_id, overwrite=overwrite, token=token, flag=flag, seconds=seconds)
+    state = _target_state(repo_id, overwrite=overwrite, token=token, flag=flag, seconds=seconds, options=options,
+                          private=private)
     created = state == "absent"
-    message = commit_message or commit_title(shown_as or folder.name)
+    branch = options.branch
+    make_branch = branch != "main" and state in ("absent", "new-branch")
+    message = options.message or commit_title(shown_as or folder.name)
     head_before: str | None = None
     made: list[CommitInfo] = []
+    deleted: list[str] = []
+    prs_before: dict[str, str] | None = None
+    branch_made = False  # only a branch this run created is ever deleted
     try:
         # Creating the repo and reading its head with Ctrl-C deferred: an interrupt then knows what this run made.
         with interrupts_deferred():
@@ -452,43 +620,87 @@ def _push(folder: Path, files: list[str], contents: dict[str, bytes], repo_id: s
                             f"token); pass --overwrite, or choose another {flag}"
                         ) from None
                     raise PushError(f"could not create the Hub repo {repo_id!r}: {hub_error_line(error)}") from error
-            info = _step(f"reading the repo {repo_id!r}", lambda: api.repo_info(repo_id), seconds=seconds)
+            if make_branch:  # from main, as push_to_hub and `hf upload` create a missing branch
+                try:  # exist_ok=False: a branch someone created since the check is theirs, never replaced
+                    _step(f"creating the branch {branch!r} of {repo_id!r} from main",
+                          lambda: api.create_branch(repo_id, branch=branch, exist_ok=False), seconds=seconds)
+                except HfHubHTTPError as error:
+                    if error.response is not None and error.response.status_code == 409:
+                        switch = "overwrite=True" if flag == "repo_id" else "--overwrite"
+                        raise PushError(
+                            f"nothing was pushed to {repo_id!r}: the branch {branch!r} appeared meanwhile; run again — "
+                            f"with {switch} to replace its files"
+                            + (f" (the repo {repo_id!r} created by this run is kept: it holds that branch)"
+                               if created else "")) from None
+                    # the repo this run created holds only main: check main, so it is deleted when empty
+                    left = _what_is_there(api, repo_id, None, message, created=created, seconds=seconds,
+                                          options=CommitOptions())
+                    raise PushError(f"could not create the branch {branch!r} of {repo_id!r}: "
+                                    f"{hub_error_line(error)} ({left})") from error
+                branch_made = True
+            info = _step(f"reading the repo {repo_id!r}", lambda: api.repo_info(repo_id, revision=branch),
+                         seconds=seconds)
             head_before = info.sha
+            if options.create_pr:
+                prs_before = _pull_requests(api, repo_id, seconds)
         if not created and private and not info.private:
             _step(f"making the repo {repo_id!r} private",
                   lambda: api.update_repo_settings(repo_id, private=True), seconds=seconds)
         try:
             with _quiet_no_op_commit():
                 commit = _step(
-                    f"uploading {len(files)} files to {repo_id!r} in one commit",
-                    # Exactly the writer's files (never the marker, nothing added since); on overwrite, files of the
-                    # old model that the new folder lacks go away in the same commit.
-                    lambda: _commit(api, repo_id, folder, files, contents, replace=state == "exists",
-                                    message=message, parent=head_before, made=made, handles=handles),
+                    f"uploading {len(files)} files to {repo_id!r} in one commit"
+                    + (f" (a pull request against {branch!r})" if options.create_pr
+                       else f" (branch {branch!r})" if branch != "main" else ""),
+                    # Exactly the writer's files (never the marker, nothing added since); on overwrite (or on a new
+                    # branch), files the new folder lacks go away in the same commit.
+                    # A pull request without overwrite only adds and replaces (as upload_folder without
+                    # delete_patterns): the branch's other files stay.
+                    lambda: _commit(api, repo_id, folder, files, contents,
+                                    replace=state in ("exists", "new-branch") or (state == "pr" and overwrite),
+                                    message=message, parent=head_before, made=made, handles=handles,
+                                    options=options, deleted=deleted),
                     seconds=seconds,
                 )
         except Exception as error:
             logger.debug("push failed", exc_info=True)
-            left = _what_is_there(api, repo_id, head_before, message, created=created, seconds=seconds)
+            left = _what_is_there(api, repo_id, head_before, message, created=created, seconds=seconds,
+                                  options=options, prs_before=prs_before, branch_created=branch_made)
             raise PushError(f"uploading to {repo_id!r} failed: {hub_error_line(error)} ({left})") from error
     except KeyboardInterrupt as interrupt:
         logger.debug("push interrupted", exc_info=True)
         if made:  # the commit was made, then the Ctrl-C it deferred came
-            raise PushInterrupted(f"the push was done first: {repo_id} holds the merged model (commit "
+            pr = without_userinfo(made[0].pr_url) if options.create_pr and made[0].pr_url else None
+            holder = (f"the pull request {pr} against {branch!r} of {repo_id}" if pr
+                      else f"{repo_id}" + (f" (branch {branch!r})" if branch != "main" else ""))
+            raise PushInterrupted(f"the push was done first: {holder} holds the merged model (commit "
                                   f"{made[0].oid})", pushed=True) from interrupt
         if head_before is None:  # stopped before the repo was created (creating it defers a Ctrl-C)
             raise PushInterrupted(f"nothing was pushed to {repo_id}") from interrupt
-        left = _what_is_there(api, repo_id, head_before, message, created=created, seconds=seconds)
+        left = _what_is_there(api, repo_id, head_before, message, created=created, seconds=seconds,
+                              options=options, prs_before=prs_before, branch_created=branch_made)
         raise PushInterrupted(f"{repo_id}: {left}") from interrupt
     repo_url = f"{without_userinfo(api.endpoint).rstrip('/')}/{repo_id}"  # as create_repo's answer, never credentials
     changed = commit.oid != head_before
+    pr_url = without_userinfo(commit.pr_url) if changed and commit.pr_url else None
+    where = f" as a pull request ({pr_url})" if pr_url else f", branch {branch!r}" if branch != "main" else ""
     if changed:
-        logger.info("pushed %s to %s (commit %s)", shown_as or folder, repo_id, commit.oid)
+        logger.info("pushed %s to %s%s (commit %s)", shown_as or folder, repo_id, where, commit.oid)
     else:
-        logger.info("nothing changed: %s already holds exactly the files of %s (commit %s); no commit was made",
-                    repo_id, shown_as or folder, commit.oid)
+        logger.info("nothing changed: %s%s already holds exactly the files of %s (commit %s); no commit was made"
+                    "%s", repo_id, f" ({branch})" if branch != "main" else "", shown_as or folder, commit.oid,
+                    ", so no pull request was opened" if options.create_pr else "")
     return PushResult(repo_id=repo_id, commit_sha=commit.oid, commit_url=without_userinfo(commit.commit_url),
-                      url=repo_url, created=created, changed=changed)
+                      url=repo_url, created=created, changed=changed, revision=options.revision, pr_url=pr_url,
+                      deleted=tuple(deleted) if changed else ())
+
+
+def _pull_requests(api: HfApi, repo_id: str, seconds: float) -> dict[str, str]:
+    """The repo's pull requests (ref -> head commit): after a failed `create_pr` push, a new one tells that the pull
+    request was opened although its answer was lost."""
+    refs = _step(f"listing the pull requests of {repo_id!r}",
+                 lambda: api.list_repo_refs(repo_id, include_pull_requests=True), seconds=seconds)
+    return {ref.ref: ref.target_commit for ref in refs.pull_requests or []}
 
 
 # huggingface_hub's loggers that say, each in its own words, that a commit changing nothing was skipped.
@@ -516,18 +728,29 @@ def _quiet_no_op_commit() -> Iterator[None]:
 
 
 def _what_is_there(api: HfApi, repo_id: str, head_before: str | None, message: str, *, created: bool,
-                   seconds: float) -> str:
-    """After a failed commit, ask the Hub what the repo's head is: the commit may have been applied although
-    its answer was lost. A repo this run created is deleted only when nothing was committed to it."""
+                   seconds: float, options: CommitOptions | None = None, prs_before: dict[str, str] | None = None,
+                   branch_created: bool = False) -> str:
+    """After a failed commit, ask the Hub what the repo's head is (of the branch pushed to; with `create_pr`, its pull
+    requests): the commit may have been applied although its answer was lost. A repo (or branch) this run created is
+    deleted only when nothing was committed to it."""
+    options = options or CommitOptions()
+    branch = options.branch
     try:
-        commits = _step(f"checking the head of {repo_id!r} after the failure",
-                        lambda: api.list_repo_commits(repo_id), seconds=seconds)
+        if options.create_pr and prs_before is not None:
+            opened = sorted(set(_pull_requests(api, repo_id, seconds)) - set(prs_before))
+            if opened:
+                return (f"the pull request was opened although its answer was lost: {', '.join(opened)}; look at it "
+                        "before retrying")
+            commits = []
+        else:
+            commits = _step(f"checking the head of {repo_id!r} after the failure",
+                            lambda: api.list_repo_commits(repo_id, revision=branch), seconds=seconds)
     except Exception as error:  # noqa: BLE001 - report what is known, keep the original error
         return (f"could not check what the repo holds ({hub_error_line(error)}); look at its commit history before "
                 "retrying"
                 + ("; it was created by this run" if created else ""))
     head = commits[0] if commits else None
-    if head is not None and head.commit_id != head_before:
+    if head is not None and head_before is not None and head.commit_id != head_before:
         if head.title == message:
             return (f"the commit was applied although its answer was lost: the repo's head is now "
                     f"{head.commit_id} ({head.title!r})")
@@ -542,4 +765,11 @@ def _what_is_there(api: HfApi, repo_id: str, head_before: str | None, message: s
         except Exception:  # noqa: BLE001 - report what is left, keep the original error
             left += (f"; the repo {repo_id!r} created by this run is left empty (initial commit only) — a rerun "
                      f"pushes into it, or delete it with `hf repo delete {repo_id}`")
+    elif branch_created:
+        try:
+            _step(f"deleting the branch {branch!r} created by this run",
+                  lambda: api.delete_branch(repo_id, branch=branch), seconds=seconds)
+            left += f"; the branch {branch!r} created by this run was deleted"
+        except Exception:  # noqa: BLE001 - report what is left, keep the original error
+            left += f"; the branch {branch!r} created by this run is left as a copy of main"
     return left

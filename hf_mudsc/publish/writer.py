@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import shutil
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -24,7 +25,7 @@ from typing import Any
 from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS
 from hf_mudsc.load.processors import refuse_unsavable_chat_templates
 from hf_mudsc.publish.folder import record_files, staged_output
-from hf_mudsc.publish.hub import CARD_FILENAME
+from hf_mudsc.publish.hub import CARD_FILENAME, CommitOptions
 from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe, auto_chosen_of, check_push_target
 from hf_mudsc.solve.diagnostics import DIAGNOSTICS_FILENAME, PLOTS_FOLDER, MergeDiagnostics
 
@@ -153,6 +154,7 @@ def write_merged_folder(
     eval_results: Iterable[Mapping[str, Any] | Any] | None = None,
     model_name: str | None = None,
     evaluation: Any = None,
+    revision: str | None = None,
 ) -> Path:
     """Write the merged model's folder: safetensors weights + config, processor, README.md card, recipe, and the
     merge's diagnostics (`merge_diagnostics.json`, `plots/*.png`, linked from the card).
@@ -166,6 +168,7 @@ def write_merged_folder(
         eval_results: evaluation rows for the card's model-index.
         model_name: the card's title (default: the push target, else the output folder's name).
         evaluation: an `EvaluationResult` (or its dict) to draw as the accuracy chart next to the other plots.
+        revision: the branch of the push target the folder is pushed to: the card's snippet loads it from there.
     """
     from hf_mudsc.publish.card import render_card
 
@@ -197,7 +200,7 @@ def write_merged_folder(
         name = model_name or recipe.push_to_hub or (Path(recipe.output).name if recipe.output else None)
         render_card(merged, recipe, parents=list(parents) if parents is not None else None,
                     eval_results=eval_results, model_name=name, plots=plots,
-                    processor_saved=processor is not None).save(folder / CARD_FILENAME)
+                    processor_saved=processor is not None, revision=revision).save(folder / CARD_FILENAME)
     return folder
 
 
@@ -271,8 +274,10 @@ def publish(
     model_name: str | None = None,
     output_flag: str = "--output",
     push_flag: str = "--push-to-hub name",
+    commit: CommitOptions | None = None,
 ) -> dict[str, Any]:
-    """Write the folder (to `output`, else a scratch folder) and push it in one commit (to `push_to_hub`).
+    """Write the folder (to `output`, else a scratch folder) and push it in one commit (to `push_to_hub`; `commit`:
+    its message, description, branch or pull request, as huggingface_hub names them).
 
     On any push failure the written model is kept — in `output`, or (push only) in a kept folder next to the
     scratch one — and the raised `PushError` says where, and how to push it again.
@@ -299,7 +304,8 @@ def publish(
                                                               "calibration_folders", None) or ())]
     with staged_output(output, overwrite=overwrite, inputs=inputs, flag=output_flag) as staging:
         write_merged_folder(staging, merged, recipe=recipe, parents=parents, processor=processor,
-                            eval_results=eval_results, model_name=model_name)
+                            eval_results=eval_results, model_name=model_name,
+                            revision=commit.revision if commit else None)  # a PR lands on it when merged
         if push_to_hub:
             record_files(staging, staging=True)  # the marker says what the push may upload
             try:
@@ -307,7 +313,11 @@ def publish(
                 name = Path(output).name if output is not None else push_to_hub.split("/")[-1]
                 produced["push"] = push_folder(staging, push_to_hub, private=private, overwrite=overwrite,
                                                token=token, flag=push_flag, shown_as=name,
-                                               just_written=True)  # its weights were checked in memory above
+                                               just_written=True,  # its weights were checked in memory above
+                                               commit_message=commit.message if commit else None,
+                                               commit_description=commit.description if commit else None,
+                                               revision=commit.revision if commit else None,
+                                               create_pr=bool(commit and commit.create_pr))
             except (Exception, PushInterrupted) as error:  # any push failure, or Ctrl-C: keep the model, then say
                 failure, interrupted = (None, error) if isinstance(error, PushInterrupted) else (error, None)
                 pushed = interrupted is not None and interrupted.pushed
@@ -320,14 +330,26 @@ def publish(
         where = kept or produced.get("output")
         said = f"{interrupted}; the merged model is in {where}" if where else str(interrupted)
         if not interrupted.pushed:
-            said += f"; push it with `hf-mudsc push {where} {push_to_hub}`"
+            said += f"; push it with `hf-mudsc push {where} {push_to_hub}{push_flags(commit)}`"
         raise PushInterrupted(said, pushed=interrupted.pushed) from interrupted.__cause__
     if failure is not None:
         where = kept or produced["output"]
         logger.debug("push failed", exc_info=failure)
         raise PushError(f"{failure} — the merged model is kept in {where}; push it with "
-                        f"`hf-mudsc push {where} {push_to_hub}`") from failure
+                        f"`hf-mudsc push {where} {push_to_hub}{push_flags(commit)}`") from failure
     return produced
+
+
+def push_flags(commit: CommitOptions | None) -> str:
+    """The `hf-mudsc push` flags that push a kept folder as `commit` asked (the branch, the pull request, the commit's
+    message and description), each quoted for a shell."""
+    if commit is None:
+        return ""
+    return "".join([f" --revision {shlex.quote(commit.revision)}" if commit.revision else "",
+                    " --create-pr" if commit.create_pr else "",
+                    f" --commit-message {shlex.quote(commit.message)}" if commit.message is not None else "",
+                    f" --commit-description {shlex.quote(commit.description)}" if commit.description is not None
+                    else ""])
 
 
 def save_merged(merged: Any, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -355,7 +377,9 @@ def save_merged(merged: Any, directory: str | os.PathLike, *, overwrite: bool = 
 
 
 def push_merged(
-    merged: Any, repo_id: str, *, private: bool = False, overwrite: bool = False, token: str | None = None
+    merged: Any, repo_id: str, *, private: bool = False, overwrite: bool = False, token: str | None = None,
+    commit_message: str | None = None, commit_description: str | None = None, revision: str | None = None,
+    create_pr: bool = False,
 ) -> Any:
     """Push a model returned by `hf_mudsc.merge` to the Hub with the same files `save_merged` writes, in one
     commit (staged in a temporary folder, removed afterwards; kept and named if the push fails).
@@ -364,20 +388,31 @@ def push_merged(
         merged: the merged model.
         repo_id: `org/name` (refused if it exists, unless `overwrite`; an empty repo is pushed into).
         private: create the repo private.
-        overwrite: replace an existing repo's files in the same commit.
+        overwrite: replace an existing repo's files (of `revision`'s branch) in the same commit.
         token: a Hub token (default: `HF_TOKEN` or the stored login; never logged or written).
+        commit_message: the commit's title (default "Upload merged model (NAME) with hf-mudsc").
+        commit_description: the commit's (or pull request's) description.
+        revision: the branch to commit to (default main). One the repo lacks is created from main, as
+            `push_to_hub` does, and needs no `overwrite` (main keeps its files); the card's "how to load" snippet
+            names it (`from_pretrained(repo, revision=...)`).
+        create_pr: open a pull request against `revision` (an existing branch) instead of committing; it needs no
+            `overwrite` (nothing changes until it is merged) and its URL is the result's `pr_url`. It adds and
+            replaces files; with `overwrite` it also deletes the branch's files the model lacks (`result.deleted`).
 
     Returns:
-        A `hf_mudsc.publish.hub.PushResult` (`commit_sha`, `commit_url`, `url`).
+        A `hf_mudsc.publish.hub.PushResult` (`commit_sha`, `commit_url`, `url`, `revision`, `pr_url`).
     """
     from hf_mudsc.load.references import clean_token
-    from hf_mudsc.publish.hub import check_repo_id, check_target
+    from hf_mudsc.publish.hub import check_commit_options, check_repo_id, check_target
 
     token = clean_token(token)  # a token read from a file, its line break with it
     check_repo_id(repo_id, flag="repo_id")  # a token pasted here: refused before any message could show it
+    commit = CommitOptions(commit_message, commit_description, revision, bool(create_pr))
+    check_commit_options(commit, api_names=True)
     recipe = recipe_of(merged).override(push_to_hub=repo_id)
     check_push_target(recipe, given_as="repo_id")  # a parent's (or the base's) repo: never replaced
     refuse_non_finite_weights(merged)  # before the Hub is asked anything
-    check_target(repo_id, overwrite=overwrite, token=token, flag="repo_id")  # before writing anything
+    check_target(repo_id, overwrite=overwrite, token=token, flag="repo_id", options=commit,  # before writing anything
+                 private=private)
     return publish(merged, push_to_hub=repo_id, overwrite=overwrite, private=private, token=token,
-                   recipe=recipe, push_flag="repo_id")["push"]
+                   recipe=recipe, push_flag="repo_id", commit=commit)["push"]
