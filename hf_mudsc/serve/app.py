@@ -26,7 +26,10 @@
 in another form answers 400. With an
 API key configured, POST and DELETE need `X-API-Key: <key>`. POST takes only a JSON or YAML content type (415
 otherwise): a form or text/plain body is what a page on another site can send without a CORS preflight.
-Every error is one line of JSON, `{"error": ...}` (bad query values 400, unknown routes 404, wrong methods 405).
+Every error is one line of JSON, `{"error": ...}` (bad query values 400, unknown routes 404, wrong methods 405
+with `Allow` naming every method of the path); HEAD answers as GET, without the body (`HeadAsGet`); /openapi.json
+says the same (`ServiceApp.openapi`). A job whose field holds the API key or the request's own token is refused (400,
+neither shown: `jobs.refuse_secrets`), since reading the jobs needs no key.
 Without an API key (so bound to loopback) only requests whose Host header names this machine are answered: a
 page elsewhere whose name is re-pointed at 127.0.0.1 (DNS rebinding) gets 400. GET /jobs/{id}/files serves the
 card, the recipe and plots, never the weights (reading needs no key), sandboxed (`FILE_HEADERS`: an SVG opened from
@@ -58,6 +61,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import RecipeError, shown
@@ -71,6 +75,7 @@ from hf_mudsc.serve.jobs import (
     hide_output_root,
     integer_too_long,
     parse_job,
+    refuse_secrets,
     resolve_local_paths,
     service_advice,
 )
@@ -178,13 +183,85 @@ class HeaderCap:
         return await self.app(scope, receive, send)
 
 
+class HeadAsGet:
+    """ASGI layer: a HEAD request is answered as its GET (status, headers, Content-Length) without the body. HTTP
+    requires HEAD wherever GET is answered (RFC 9110 §9.3.2: monitors and `curl -I` send it); FastAPI's GET routes
+    answered it 405. Every GET of the service only reads, so running one for a HEAD changes nothing."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def headers_only(message: Any) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
 class ServiceApp(FastAPI):
-    """The service's FastAPI app, with `NoSniffing` and `HeaderCap` around its whole middleware stack: outside the
-    layer that answers an exception escaping a route (Starlette's `ServerErrorMiddleware`, outside any middleware an
-    app adds), so that answer says `nosniff` too."""
+    """The service's FastAPI app, with `NoSniffing`, `HeaderCap` and `HeadAsGet` around its whole middleware stack:
+    outside the layer that answers an exception escaping a route (Starlette's `ServerErrorMiddleware`, outside any
+    middleware an app adds), so that answer says `nosniff` too. Its OpenAPI schema says what the handlers take and
+    answer (`openapi`)."""
 
     def build_middleware_stack(self) -> Any:
-        return NoSniffing(HeaderCap(super().build_middleware_stack()))
+        return NoSniffing(HeaderCap(HeadAsGet(super().build_middleware_stack())))
+
+    def allowed_methods(self, scope: Any) -> list[str]:
+        """Every method some route answers at the request's path (HEAD wherever GET is: `HeadAsGet`), for a 405's
+        `Allow`: Starlette names only the methods of the first route matching the path (`Allow: POST` for
+        /api/jobs, which GET answers too)."""
+        methods: set[str] = set()
+        for route in self.router.routes:
+            match, _ = route.matches({**scope, "type": "http"})
+            if match != Match.NONE:
+                methods |= set(getattr(route, "methods", None) or ())
+        if "GET" in methods:
+            methods.add("HEAD")
+        return sorted(methods)
+
+    def openapi(self) -> dict[str, Any]:
+        """FastAPI's schema, corrected where it cannot see the handlers: no route answers 422 (a bad query value
+        answers 400, `bad_parameter`), and every error is `{"error": "..."}` (`ERROR_SCHEMA`)."""
+        if self.openapi_schema is not None:
+            return self.openapi_schema
+        schema = super().openapi()
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.get("responses", {})
+                if responses.pop("422", None) is not None:
+                    responses.setdefault("400", error_response("a query or path value is not valid"))
+        schemas = schema.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        if not schemas:
+            schema.get("components", {}).pop("schemas", None)
+        if not schema.get("components"):
+            schema.pop("components", None)
+        self.openapi_schema = schema
+        return schema
+
+
+ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
+
+
+def error_response(description: str) -> dict[str, Any]:
+    """An OpenAPI response of the service's one-line JSON error."""
+    return {"description": description, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+
+
+def job_body_schema() -> dict[str, Any]:
+    """POST /api/jobs's request body as OpenAPI says it: a mapping of recipe keys, as JSON or YAML (the handler reads
+    the body itself, so FastAPI cannot see it)."""
+    recipe = {"type": "object", "description": "recipe keys (at least `models`), the destination and `dry_run`",
+              "properties": {key: {} for key in accepted_keys()}, "required": ["models"],
+              "additionalProperties": False}
+    return {"required": True, "content": {media: {"schema": recipe} for media in (*JSON_TYPES, *YAML_TYPES)}}
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -339,6 +416,8 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         answer = error(problem.status_code, f"{request.method} {request.url.path}: {problem.detail}; the API is "
                        "/api/jobs (GET, POST), /api/jobs/{id} (GET, DELETE), /api/jobs/{id}/log (GET)")
         answer.headers.update(problem.headers or {})
+        if problem.status_code == 405:
+            answer.headers["Allow"] = ", ".join(app.allowed_methods(request.scope))
         return answer
 
     # The key is compared as SHA-256 digests: `hmac.compare_digest` returns at once on inputs of different lengths,
@@ -354,7 +433,13 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         return None
 
     # ------------------------------------------------------------------ API
-    @app.post("/api/jobs")
+    @app.post("/api/jobs", status_code=201, openapi_extra={"requestBody": job_body_schema()}, responses={
+        201: {"description": "queued: `{\"id\", \"status\", \"warnings\"}`"},
+        400: error_response("the body is not a valid job (the message names the key)"),
+        401: error_response("the API key is missing or wrong"), 408: error_response("the body arrived too slowly"),
+        409: error_response("an active job claims the output or the Hub repo"),
+        413: error_response("the body is too large"), 415: error_response("not a JSON or YAML content type"),
+        429: error_response("the queue is full (`Retry-After`)")})
     async def submit(request: Request, dry_run: bool = False) -> JSONResponse:
         if (denied := refused(request)) is not None:
             return denied
@@ -405,6 +490,7 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
     def enqueue(raw: bytes, content_type: str, dry_run: bool, token: str | None) -> JSONResponse:
         try:
             body = _parse_body(raw, content_type)
+            refuse_secrets(body, {"the service's API key": api_key, "the request's Hub token": token})
             text = raw.decode("utf-8") if _media_type(content_type) in YAML_TYPES else None  # its comments too
             job = parse_job(body, outputs, dry_run=dry_run, local_roots=roots, text=text,
                             being_written=store.active_outputs())
@@ -464,12 +550,15 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         return JSONResponse({"jobs": [public(j, outputs, full=False) for j in page],
                              "next": page[-1]["id"] if len(jobs) > size else None})
 
-    @app.get("/api/jobs/{job_id}")
+    @app.get("/api/jobs/{job_id}", responses={404: error_response("no such job")})
     def get_job(job_id: str) -> JSONResponse:
         job = store.get(job_id)
         return JSONResponse(public(job, outputs)) if job else error(404, f"no job {job_id!r}; GET /api/jobs lists them")
 
-    @app.delete("/api/jobs/{job_id}")
+    @app.delete("/api/jobs/{job_id}", status_code=202, responses={
+        202: {"description": "cancelled, or to stop at its next cancel point"},
+        401: error_response("the API key is missing or wrong"), 404: error_response("no such job"),
+        409: error_response("the job has already finished")})
     def cancel_job(job_id: str, request: Request) -> JSONResponse:
         if (denied := refused(request)) is not None:
             return denied
@@ -488,7 +577,7 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
             return current["status"]
         return job["status"] if job["status"] not in ACTIVE else "finished"
 
-    @app.get("/api/jobs/{job_id}/log")
+    @app.get("/api/jobs/{job_id}/log", responses={404: error_response("no such job")})
     def job_log(job_id: str, since: int = 0) -> JSONResponse:
         if store.get(job_id) is None:
             return error(404, f"no job {job_id!r}; GET /api/jobs lists them")

@@ -70,6 +70,7 @@ from hf_mudsc.publish.recipe import (
     unresolved_published_entries,
 )
 from hf_mudsc.runner import check_merge_output
+from hf_mudsc.serve import holds_secret
 
 logger = logging.getLogger(__name__)
 
@@ -583,6 +584,24 @@ def refuse_tokens(body: Mapping[str, Any]) -> None:
             where = "a key" if holds_token(key) else f"`{key}`"
             raise RecipeError(f"{where} of the job looks like a Hugging Face access token (not shown); send a token "
                               "only as the `Authorization: Bearer <token>` header, never in a job's fields")
+
+
+def refuse_secrets(body: Any, secrets: Mapping[str, str | None]) -> None:
+    """No key or value of a job holds one of `secrets` (what it is -> its value: the service's API key, the job's
+    own Hub token as its `Authorization` header sent it, whatever its shape): a job is stored, listed and shown to
+    anyone who may read the service (reading needs no key), its recipe lands in the pushed card, and
+    `refuse_tokens` knows only the Hub's `hf_` shape. Refused naming the field and the secret, never showing it,
+    before any other check may repeat the value."""
+    if not isinstance(body, Mapping):
+        return  # `check_job` refuses it (its message shows no value)
+    for key, value in body.items():
+        texts = [str(key), *strings_in(value)]
+        for what, secret in secrets.items():
+            if secret and any(holds_secret(text, secret) for text in texts):
+                where = "a key" if holds_secret(str(key), secret) else f"`{key}`"
+                raise RecipeError(f"{where} of the job holds {what} (not shown): a job's fields are stored and shown "
+                                  f"to anyone who reads the service; {SERVICE_TOKEN_FIX}, and the API key only as "
+                                  "the `X-API-Key` header")
 
 
 def refuse_control_characters(body: Mapping[str, Any]) -> None:

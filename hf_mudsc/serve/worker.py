@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import shutil
 import signal
 import tempfile
@@ -54,19 +53,17 @@ from typing import Any
 
 from hf_mudsc.errors import PushError
 from hf_mudsc.load.hub_calls import hub_error_line
-from hf_mudsc.load.references import EscapedControls, hide_tokens, looks_like_token
+from hf_mudsc.load.references import EscapedControls, hide_tokens
 from hf_mudsc.options import REFITTING
 from hf_mudsc.publish.folder import checked_rename, weights_fingerprint
 from hf_mudsc.publish.recipe import check_push_target
 from hf_mudsc.runner import push_not_checked
+from hf_mudsc.serve import mask_token
 from hf_mudsc.serve.jobs import JobRequest
 
 DELAY_ENV = "HF_MUDSC_SERVE_TEST_DELAY"
 KEPT = "the merged model is kept in"  # how the writer's failed push says where it kept the model (publish/writer.py)
 ORPHAN_GRACE_S = 20.0
-# A token at least this long is masked wherever it occurs in a job's log and error (`mask_token`): Hub tokens are
-# 37 characters; a shorter value would also mask the words that contain it.
-TOKEN_MIN_LENGTH = 16
 # The errors a job ends in on purpose, for a bad input or destination: the ones `hf-mudsc merge` prints as one line.
 EXPECTED = (ValueError, FileExistsError, FileNotFoundError, PermissionError, PushError)
 # (logger name prefix, message prefix) -> the phase that record shows has begun, and the progress it marks.
@@ -84,15 +81,6 @@ PROGRESS = {"load": 0.02, "calibrate": 0.2, "solve": 0.6, "apply": 0.75, "build"
 # Phases whose whole-model forwards are data passes after calibration, and the progress their batches move toward
 # (the next mark's): regmean's own pass once auto's check confirmed it (apply), the refit's and REPAIR's (build).
 PASS_ENDS = {"apply": 0.8, "build": 0.9}
-
-
-def mask_token(text: str, token: str) -> str:
-    """`text` with `token` replaced by `***`: every occurrence when it is shaped like an access token or at least
-    `TOKEN_MIN_LENGTH` characters (no word of a message holds one by chance), else only where no letter, digit or
-    `_` adjoins it (the letters `e` in "folder" are not the token `e`)."""
-    if looks_like_token(token) or len(token) >= TOKEN_MIN_LENGTH:
-        return text.replace(token, "***")
-    return re.sub(rf"(?<![A-Za-z0-9_]){re.escape(token)}(?![A-Za-z0-9_])", "***", text)
 
 
 class JobCancelled(BaseException):

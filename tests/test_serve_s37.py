@@ -1,0 +1,108 @@
+"""Session 37's second pass over `hf-mudsc serve`: secrets in a job's fields, HTTP conventions (HEAD, 405's Allow,
+the OpenAPI schema), checked in-process (the app without its scheduler: jobs stay queued). Each test's reproduction
+is its docstring's first line."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from fastapi.testclient import TestClient
+
+from hf_mudsc.serve.app import create_app
+
+API_KEY = "the-service-key-1234"
+TOKEN = "abcdefgh12345678wxyz"  # a Hub token of no `hf_` shape (an older or organisation token): held as sent
+BODY = {"models": ["user/a", "user/b"], "method": "average", "dry_run": True}
+
+
+def client_of(app) -> TestClient:
+    return TestClient(app, base_url="http://127.0.0.1")
+
+
+# ---------------------------------------------------------------------------------------------- secrets
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("output", API_KEY), ("models", ["user/a", f"user/{API_KEY}"]), ("calibration", f"user/{API_KEY}:train"),
+    ("output", TOKEN), ("base", f"user/{TOKEN}"), ("push_to_hub", f"me/{TOKEN}"), ("labels", {TOKEN: 0}),
+])
+def test_a_job_holding_the_api_key_or_the_bearer_token_in_a_field_is_refused_and_never_listed(
+        tmp_path, caplog, field, value):
+    """POST {"output": "<the service's API key>"} (or the Authorization token, of no hf_ shape) was stored: listed."""
+    app = create_app(tmp_path / "state", api_key=API_KEY)
+    client = client_of(app)
+    headers = {"X-API-Key": API_KEY, "Authorization": f"Bearer {TOKEN}"}
+    with caplog.at_level(logging.DEBUG):
+        answer = client.post("/api/jobs", json={**BODY, field: value}, headers=headers)
+    assert answer.status_code == 400, answer.text
+    said = answer.json()["error"]
+    assert f"`{field}`" in said and "not shown" in said and "\n" not in said
+    for secret in (API_KEY, TOKEN):
+        assert secret not in answer.text
+        assert secret not in client.get("/api/jobs").text
+        assert secret not in client.get("/").text
+        assert secret not in caplog.text
+    assert app.state.store.list() == []
+
+
+def test_a_short_api_key_refuses_only_a_field_that_is_it_not_every_word_holding_its_letters(tmp_path):
+    """--api-key ab: a job whose parents are `user/a`, `user/b` (`ab` nowhere as a word) is accepted, `user/ab` not."""
+    app = create_app(tmp_path / "state", api_key="ab")
+    client = client_of(app)
+    assert client.post("/api/jobs", json={**BODY, "models": ["user/lab", "user/b"]},
+                       headers={"X-API-Key": "ab"}).status_code == 201
+    refused = client.post("/api/jobs", json={**BODY, "models": ["user/ab", "user/b"]}, headers={"X-API-Key": "ab"})
+    assert refused.status_code == 400 and "`models`" in refused.json()["error"]
+
+
+# ---------------------------------------------------------------------------------------------- HTTP conventions
+
+
+@pytest.mark.parametrize("path", ["/", "/api/jobs", "/api/jobs/{id}", "/api/jobs/{id}/log", "/jobs/{id}",
+                                  "/partials/jobs"])
+def test_head_answers_as_get_without_a_body(tmp_path, path):
+    """curl -I http://127.0.0.1:8000/api/jobs answered 405: HTTP requires HEAD wherever GET is answered."""
+    app = create_app(tmp_path / "state")
+    client = client_of(app)
+    job_id = client.post("/api/jobs", json=BODY).json()["id"]
+    path = path.replace("{id}", job_id)
+    got, head = client.get(path), client.head(path)
+    assert got.status_code == 200, got.text
+    assert head.status_code == 200, head.text
+    assert head.content == b""
+    assert head.headers["content-type"] == got.headers["content-type"]
+    assert head.headers["x-content-type-options"] == "nosniff"
+    missing = client.head("/api/jobs/000000000000")
+    assert missing.status_code == 404 and missing.headers["content-type"] == "application/json"
+
+
+@pytest.mark.parametrize(("method", "path", "allowed"), [
+    ("PUT", "/api/jobs", {"GET", "HEAD", "POST"}),
+    ("OPTIONS", "/api/jobs", {"GET", "HEAD", "POST"}),
+    ("POST", "/api/jobs/abc", {"GET", "HEAD", "DELETE"}),
+    ("DELETE", "/api/jobs/abc/log", {"GET", "HEAD"}),
+])
+def test_a_405_allow_header_lists_every_method_of_the_path(tmp_path, method, path, allowed):
+    """PUT /api/jobs answered 405 with `Allow: POST`, though GET /api/jobs is answered too (the first route's only)."""
+    client = client_of(create_app(tmp_path / "state"))
+    answer = client.request(method, path)
+    assert answer.status_code == 405
+    assert {m.strip() for m in answer.headers["allow"].split(",")} == allowed
+    assert answer.headers["content-type"] == "application/json"
+
+
+def test_the_openapi_schema_says_what_the_handlers_take_and_answer(tmp_path):
+    """GET /openapi.json said POST /api/jobs takes no body and answers 200, and every route 422 (the service: 400)."""
+    schema = client_of(create_app(tmp_path / "state")).get("/openapi.json").json()
+    post = schema["paths"]["/api/jobs"]["post"]
+    assert set(post["requestBody"]["content"]) >= {"application/json", "application/yaml"}
+    assert post["requestBody"]["required"] is True
+    assert {"201", "400", "409", "413", "415", "429"} <= set(post["responses"])
+    assert "200" not in post["responses"]
+    delete = schema["paths"]["/api/jobs/{job_id}"]["delete"]
+    assert {"202", "404", "409"} <= set(delete["responses"]) and "200" not in delete["responses"]
+    for path, operations in schema["paths"].items():
+        for name, operation in operations.items():
+            assert "422" not in operation["responses"], (name, path)
+    assert "HTTPValidationError" not in str(schema)
