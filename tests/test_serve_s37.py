@@ -106,3 +106,33 @@ def test_the_openapi_schema_says_what_the_handlers_take_and_answer(tmp_path):
         for name, operation in operations.items():
             assert "422" not in operation["responses"], (name, path)
     assert "HTTPValidationError" not in str(schema)
+
+
+# ---------------------------------------------------------------------------------------------- the store on disk
+
+
+@pytest.mark.parametrize(("column", "value"), [
+    ("result", "[1, 2]"), ("result", '"done"'), ("result", '{"output": 5}'), ("result", '{"warnings": 3}'),
+    ("request", '{"models": 5}'), ("request", '{"models": {"a": 1}}'), ("request", '{"models": ["a"], "warnings": 3}'),
+    ("request", '{"models": ["a"], "output": ["x"]}'),
+])
+def test_a_record_edited_by_hand_or_of_another_format_is_shown_unreadable_and_the_others_still_listed(
+        tmp_path, column, value):
+    """UPDATE jobs SET result = '[1, 2]' (or request '{"models": 5}') in jobs.sqlite3: GET /api/jobs, / answered 500."""
+    app = create_app(tmp_path / "state")
+    client = TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False)
+    good = client.post("/api/jobs", json=BODY).json()["id"]
+    store = app.state.store
+    damaged = store.add({"models": ["user/x", "user/y"]}, output=None, repo_id=None, dry_run=True, has_token=False)
+    store.update(damaged, status="succeeded")
+    with store._lock:  # as a hand edit (or a newer hf-mudsc) leaves it
+        store._db.execute(f"UPDATE jobs SET {column} = ? WHERE id = ?", (value, damaged))  # noqa: S608
+    listed = client.get("/api/jobs")
+    assert listed.status_code == 200, listed.text
+    jobs = {job["id"]: job for job in listed.json()["jobs"]}
+    assert jobs[good]["status"] == "queued"
+    assert jobs[damaged]["status"] == "succeeded"  # a final status is kept (`store._unreadable_job`)
+    assert "could not read this job's stored record" in jobs[damaged]["error"]
+    assert "\n" not in jobs[damaged]["error"]
+    for path in ("/", "/partials/jobs", f"/jobs/{damaged}", f"/api/jobs/{damaged}", f"/jobs/{good}"):
+        assert client.get(path).status_code == 200, path

@@ -546,7 +546,7 @@ def _unreadable_job(row: sqlite3.Row, problem: str) -> dict[str, Any]:
 
 def _job(row: sqlite3.Row) -> dict[str, Any]:
     """A stored row as the API shows it (plus `request` and `dry_run`, which the page uses)."""
-    result = json.loads(row["result"]) if row["result"] else None
+    result = _shaped(json.loads(row["result"]), RESULT_SHAPE, "the result") if row["result"] else None
     return {
         "id": row["id"],
         "status": row["status"],
@@ -564,7 +564,31 @@ def _job(row: sqlite3.Row) -> dict[str, Any]:
 
 def _mapping(text: str) -> dict[str, Any]:
     """A stored request: a JSON object (anything else is a damaged row: ValueError)."""
-    value = json.loads(text)
+    return _shaped(json.loads(text), REQUEST_SHAPE, "the request")
+
+
+# The fields of a stored request and result that the API, the page and the scheduler read, and the types they read
+# them as: a record edited by hand (or written by another version) holding another type is unreadable (`_readable`),
+# not a 500 of the listing that shows every job.
+STRINGS = "a list of strings"  # a shape of its own: a list whose every item is a str
+REQUEST_SHAPE: dict[str, Any] = {"models": STRINGS, "warnings": STRINGS, "output": str, "push_to_hub": str}
+RESULT_SHAPE: dict[str, Any] = {"output": str, "url": str, "repo_id": str, "commit": str, "plan_text": str,
+                                "output_fingerprint": str, "method": str, "warnings": STRINGS, "files": STRINGS,
+                                "plan": dict}
+
+
+def _shaped(value: Any, shape: dict[str, Any], what: str) -> dict[str, Any]:
+    """`value` (a stored request or result) when it is an object whose `shape` fields, where set (not null), have
+    their types (`STRINGS`: a list of strings); ValueError naming the first that does not."""
     if not isinstance(value, dict):
-        raise ValueError(f"the request is {type(value).__name__}, not an object")
+        raise ValueError(f"{what} is {type(value).__name__}, not an object")
+    for key, kind in shape.items():
+        item = value.get(key)
+        if item is None:
+            continue
+        fits = (isinstance(item, list) and all(isinstance(entry, str) for entry in item)) if kind == STRINGS \
+            else isinstance(item, kind)
+        if not fits:
+            expected = STRINGS if kind == STRINGS else kind.__name__
+            raise ValueError(f"{what}'s {key!r} is {type(item).__name__}, not {expected}")
     return value
