@@ -136,3 +136,28 @@ def test_a_record_edited_by_hand_or_of_another_format_is_shown_unreadable_and_th
     assert "\n" not in jobs[damaged]["error"]
     for path in ("/", "/partials/jobs", f"/jobs/{damaged}", f"/api/jobs/{damaged}", f"/jobs/{good}"):
         assert client.get(path).status_code == 200, path
+
+
+# ---------------------------------------------------------------------------------------------- cancel
+
+
+def test_a_cancel_during_the_push_is_refused_saying_the_push_completes(tmp_path):
+    """DELETE /api/jobs/{id} while its worker pushes answered 202 "running", then the job succeeded and was pushed."""
+    from hf_mudsc.serve.scheduler import Running
+
+    app = create_app(tmp_path / "state")
+    client = client_of(app)
+    store, scheduler = app.state.store, app.state.scheduler
+    job_id = store.add({"models": ["user/a", "user/b"], "push_to_hub": "me/merged"}, output=None,
+                       repo_id="me/merged", dry_run=False, has_token=False)
+    store.update(job_id, status="running", phase="publish", progress=0.9)
+    run = Running(None, None, pushing=True)
+    scheduler.running[job_id] = run
+    answer = client.delete(f"/api/jobs/{job_id}")
+    assert answer.status_code == 409, answer.text
+    said = answer.json()["error"]
+    assert "'me/merged'" in said and "cannot be cancelled" in said and "\n" not in said
+    assert not run.cancelled and not run.requested
+    run.pushing = False  # still writing its folder: the cancel applies
+    assert client.delete(f"/api/jobs/{job_id}").status_code == 202
+    assert run.cancelled and run.requested

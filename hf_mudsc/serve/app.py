@@ -14,7 +14,8 @@
     GET    /api/jobs/{id}          {"id", "status", "progress", "phase", "error", "result", "created", "updated",
                                    "dry_run", "warnings", "recipe"}; a merge's `result` says what ran (`method`,
                                    `alpha`, ... as its card records them, `auto`'s choice included) and `warnings`
-    DELETE /api/jobs/{id}          cancel (a running job stops at its next cancel point) -> 202
+    DELETE /api/jobs/{id}          cancel (a running job stops at its next cancel point) -> 202; 409 once it finished or
+                                   its push began (one commit, never stopped halfway)
     GET    /api/jobs/{id}/log      {"id", "lines", "next"}; `?since=N` returns lines N.. (poll with `next` to follow;
                                    a long log keeps its first and last lines, one line saying how many were dropped:
                                    store.LOG_CAP)
@@ -79,7 +80,7 @@ from hf_mudsc.serve.jobs import (
     resolve_local_paths,
     service_advice,
 )
-from hf_mudsc.serve.scheduler import Scheduler
+from hf_mudsc.serve.scheduler import PushUnderway, Scheduler
 from hf_mudsc.serve.store import (
     ACTIVE,
     MAX_JOBS,
@@ -558,14 +559,21 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
     @app.delete("/api/jobs/{job_id}", status_code=202, responses={
         202: {"description": "cancelled, or to stop at its next cancel point"},
         401: error_response("the API key is missing or wrong"), 404: error_response("no such job"),
-        409: error_response("the job has already finished")})
+        409: error_response("the job has already finished, or its push has begun")})
     def cancel_job(job_id: str, request: Request) -> JSONResponse:
         if (denied := refused(request)) is not None:
             return denied
         job = store.get(job_id)
         if job is None:
             return error(404, f"no job {job_id!r}; GET /api/jobs lists them")
-        if job["status"] not in ACTIVE or not scheduler.cancel(job_id):
+        try:
+            cancelled = job["status"] in ACTIVE and scheduler.cancel(job_id)
+        except PushUnderway:
+            repo = job["request"].get("push_to_hub") or "its Hub repo"
+            return error(409, f"job {job_id} has begun pushing its model to {repo!r}, one commit that is never stopped "
+                              "halfway: it cannot be cancelled now; once it has finished, delete the repo (or revert "
+                              "the commit) if the model is not wanted")
+        if not cancelled:
             # read again (it finished meanwhile); a finished record a POST pruned since (--max-jobs) is as it was read
             return error(409, f"job {job_id} has already finished ({status_now(job)}); nothing to cancel")
         return JSONResponse({"id": job_id, "status": status_now(job)}, status_code=202)
