@@ -161,3 +161,66 @@ def test_a_cancel_during_the_push_is_refused_saying_the_push_completes(tmp_path)
     run.pushing = False  # still writing its folder: the cancel applies
     assert client.delete(f"/api/jobs/{job_id}").status_code == 202
     assert run.cancelled and run.requested
+
+
+# ---------------------------------------------------------------------------------------------- a full disk
+
+
+def _safetensors_full(*args, **kwargs):
+    from safetensors import SafetensorError
+
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def _recipe_full(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+class SentMessages:
+    """The web process's end of a worker's pipe, as far as the worker's reports go: what it was sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple] = []
+
+    def send(self, message: tuple) -> None:
+        self.sent.append(message)
+
+
+@pytest.mark.parametrize("where", ["transformers.modeling_utils.safe_save_file", "Recipe.save"])
+def test_a_job_writing_onto_a_full_disk_fails_in_the_services_words_leaving_nothing(tmp_path, monkeypatch, where):
+    """A merge job whose output write hits ENOSPC failed "SafetensorError: ... (an unexpected error: ...)": no fix."""
+    import transformers.modeling_utils
+    from factories import make_model
+
+    from hf_mudsc.publish.folder import checked_rename
+    from hf_mudsc.publish.recipe import Recipe
+    from hf_mudsc.serve.jobs import JobRequest, parse_job, resolve_local_paths
+    from hf_mudsc.serve.worker import Reporter, report_failure, run_merge
+
+    parents = tmp_path / "parents"
+    for index in (0, 1):
+        make_model("vit_cls", index).save_pretrained(parents / f"p{index}")
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    job = parse_job({"models": [str(parents / "p0"), str(parents / "p1")], "method": "average",
+                     "output": "merged"}, outputs, local_roots=[parents])
+    job = JobRequest.from_stored(resolve_local_paths(job, [parents]).to_dict())
+    if where == "Recipe.save":
+        monkeypatch.setattr(Recipe, "save", _recipe_full)
+    else:
+        monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", _safetensors_full)
+    pipe = SentMessages()
+    reporter = Reporter(pipe, None, calibrates=False, pushes=False)
+    with pytest.raises(Exception) as raised:  # noqa: PT011, B017 - which one is the library's; the report is checked
+        with checked_rename(reporter.before_rename):
+            run_merge(job, None, reporter)
+    report_failure(reporter, raised.value)
+    (_, status, error, _), = [m for m in pipe.sent if m[0] == "done"]
+    assert status == "failed"
+    assert "no space left on device" in error.lower() and "nothing was left half-written" in error, error
+    assert "unexpected error" not in error and "\n" not in error
+    tracebacks = [m for m in pipe.sent if m[0] == "traceback"]
+    assert tracebacks and all(m[1] == logging.DEBUG for m in tracebacks)  # expected: not an ERROR in the log
+    assert list(outputs.iterdir()) == []  # nothing half-written

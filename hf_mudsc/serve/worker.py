@@ -39,6 +39,7 @@ while it runs. Never set it in production.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -51,7 +52,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from hf_mudsc.errors import PushError
+from hf_mudsc.errors import PushError, disk_error
 from hf_mudsc.load.hub_calls import hub_error_line
 from hf_mudsc.load.references import EscapedControls, hide_tokens
 from hf_mudsc.options import REFITTING
@@ -254,8 +255,17 @@ def main(conn: Any, job_id: str, request: dict[str, Any]) -> None:
 def report_failure(reporter: Reporter, error: Exception) -> None:
     """The job failed: one line (`Type: message`) as its error and in its log; the traceback to the server's log
     (`("traceback", level, text)`), at debug level for an `EXPECTED` error, at error level for any other."""
-    line = reporter.scrub(f"{type(error).__name__}: {hub_error_line(error)}")
-    expected = isinstance(error, EXPECTED)
+    disk = disk_error(error)
+    if disk is not None:  # the operator's to fix, in the service's words (never the server's paths)
+        number, what, _ = disk
+        line = (f"{what} on the service's disk while the job ran (its output, or the downloads it reads); nothing "
+                "was left half-written: "
+                "ask the service's operator to free space (or fix the disk), then resubmit the job"
+                if number != errno.EIO else f"{what} on the service's disk: ask the service's operator to check "
+                "that disk, then resubmit the job")
+    else:
+        line = reporter.scrub(f"{type(error).__name__}: {hub_error_line(error)}")
+    expected = disk is not None or isinstance(error, EXPECTED)
     said = line if expected else f"{line} (an unexpected error: its traceback is in the service's log)"
     reporter.say(logging.ERROR, f"the job failed: {said}")
     trace = reporter.scrub("".join(traceback.format_exception(error)).rstrip())
