@@ -224,3 +224,34 @@ def test_a_job_writing_onto_a_full_disk_fails_in_the_services_words_leaving_noth
     tracebacks = [m for m in pipe.sent if m[0] == "traceback"]
     assert tracebacks and all(m[1] == logging.DEBUG for m in tracebacks)  # expected: not an ERROR in the log
     assert list(outputs.iterdir()) == []  # nothing half-written
+
+
+def test_a_post_while_the_stores_disk_is_full_answers_503_saying_so(tmp_path, monkeypatch):
+    """POST /api/jobs while jobs.sqlite3 cannot grow ("database or disk is full") answered 500 "an internal error"."""
+    import sqlite3
+
+    app = create_app(tmp_path / "state")
+    client = TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False)
+    store = app.state.store
+    real_execute = store._db.execute
+
+    class FullDisk:
+        """The store's connection on a full disk: its inserts fail as SQLite's do."""
+
+        def execute(self, sql, *args):
+            if sql.lstrip().upper().startswith("INSERT"):
+                raise sqlite3.OperationalError("database or disk is full")
+            return real_execute(sql, *args)
+
+        def __getattr__(self, name):
+            return getattr(real_execute.__self__, name)
+
+    monkeypatch.setattr(store, "_db", FullDisk())
+    answer = client.post("/api/jobs", json=BODY, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert answer.status_code == 503, answer.text
+    said = answer.json()["error"]
+    assert "disk is full" in said and "not queued" in said and "\n" not in said
+    assert answer.headers["retry-after"]
+    assert app.state.scheduler.tokens == {}  # the token of a job that was never stored is not held
+    monkeypatch.undo()
+    assert client.get("/api/jobs").json()["jobs"] == []

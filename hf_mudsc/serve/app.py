@@ -6,7 +6,8 @@
                                    local path outside every --local-root); 409 when the output/repo is claimed by an
                                    active job; 429 (with Retry-After) while --max-queued jobs wait for a worker; 413
                                    over 1 MiB (a YAML body over 64 KiB: slow to parse), 408 when the body takes over
-                                   BODY_TIMEOUT_S to arrive
+                                   BODY_TIMEOUT_S to arrive; 503 (with Retry-After) when the job store cannot take
+                                   it (its disk full)
     GET    /api/jobs               {"jobs": [job, ...], "next"} newest first, a page of `?limit=N` (default 100, at
                                    most 1000); `next`: the id to pass as `?before=` for the following page, or null.
                                    Each job as below, with a `summary` of its recipe in place of the recipe
@@ -88,6 +89,7 @@ from hf_mudsc.serve.store import (
     PHASES,
     JobStore,
     QueueFullError,
+    StoreWriteError,
     TargetClaimedError,
     new_job_id,
 )
@@ -440,7 +442,8 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         401: error_response("the API key is missing or wrong"), 408: error_response("the body arrived too slowly"),
         409: error_response("an active job claims the output or the Hub repo"),
         413: error_response("the body is too large"), 415: error_response("not a JSON or YAML content type"),
-        429: error_response("the queue is full (`Retry-After`)")})
+        429: error_response("the queue is full (`Retry-After`)"),
+        503: error_response("the job store cannot take the job (`Retry-After`)")})
     async def submit(request: Request, dry_run: bool = False) -> JSONResponse:
         if (denied := refused(request)) is not None:
             return denied
@@ -513,6 +516,12 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
             return answer
         except TargetClaimedError as problem:  # it names the claimed folders as the store holds them: absolute
             return error(409, hide_output_root(str(problem), outputs))
+        except StoreWriteError as problem:  # the operator's to fix; the client may retry later
+            logger.error("POST /api/jobs: the job store refused the new job: %s", problem)
+            answer = error(503, f"the service cannot record the job ({problem}), so it was not queued: retry later, "
+                                "or tell the service's operator (the disk of its --state-dir may be full)")
+            answer.headers["Retry-After"] = str(RETRY_AFTER_S)
+            return answer
         return JSONResponse({"id": job_id, "status": "queued",
                              "warnings": [hide_output_root(w, outputs) for w in job.warnings]}, status_code=201)
 

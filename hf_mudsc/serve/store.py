@@ -11,6 +11,7 @@ only; docs/design.md §11).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -108,6 +109,10 @@ class TargetClaimedError(Exception):
 
 class StoreError(ValueError):
     """The store file cannot be read (corrupted or truncated): the service does not start (one line naming it)."""
+
+
+class StoreWriteError(Exception):
+    """The store cannot take a new job (its disk is full, the file is locked or read-only): HTTP 503, not queued."""
 
 
 class QueueFullError(Exception):
@@ -310,8 +315,11 @@ class JobStore:
                      json.dumps([path for _, path in inputs]) if inputs else None, stamp, stamp))
                 pruned = self._prune(max_jobs) if max_jobs is not None else 0
                 self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
+            except BaseException as problem:
+                with contextlib.suppress(sqlite3.Error):  # a transaction SQLite already ended (a full disk)
+                    self._db.execute("ROLLBACK")
+                if isinstance(problem, sqlite3.OperationalError):
+                    raise StoreWriteError(str(problem)) from problem
                 raise
         if pruned:
             logger.info("removed the records of %d finished job(s) beyond --max-jobs %d", pruned, max_jobs)
