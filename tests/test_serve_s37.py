@@ -106,6 +106,8 @@ def test_the_openapi_schema_says_what_the_handlers_take_and_answer(tmp_path):
         for name, operation in operations.items():
             assert "422" not in operation["responses"], (name, path)
     assert "HTTPValidationError" not in str(schema)
+    served = schema["paths"]["/jobs/{job_id}/files/{name}"]["get"]["responses"]
+    assert "application/json" not in served["200"]["content"] and "404" in served
 
 
 # ---------------------------------------------------------------------------------------------- the store on disk

@@ -547,7 +547,7 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
                         "choose another destination")
         return None
 
-    @app.get("/api/jobs")
+    @app.get("/api/jobs", responses={404: error_response("no job to page from (`before`)")})
     def list_jobs(limit: int | None = None, before: str | None = None) -> JSONResponse:
         # A page of at most `limit` jobs (none, 0 or negative: the default), newest first; `next` is the cursor of
         # the following page (pass it as `before`), null on the last.
@@ -627,7 +627,10 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         return render("job.html.jinja", job=_page_job(job, outputs), recipe=recipe,
                       log=without_output_root(store.log(job_id), outputs))
 
-    @app.get("/jobs/{job_id}/files/{name:path}")
+    @app.get("/jobs/{job_id}/files/{name:path}", response_class=FileResponse, responses={
+        200: {"description": "the file: the card, the recipe or a plot",
+              "content": {media: {} for media in ("text/markdown", "application/yaml", "image/png", "image/svg+xml")}},
+        404: error_response("no such job, or no such file of its output")})
     def job_file(job_id: str, name: str):
         job = store.get(job_id)
         folder = _output_folder(job, outputs) if job else None
