@@ -25,7 +25,8 @@ def client_of(app) -> TestClient:
 
 @pytest.mark.parametrize(("field", "value"), [
     ("output", API_KEY), ("models", ["user/a", f"user/{API_KEY}"]), ("calibration", f"user/{API_KEY}:train"),
-    ("output", TOKEN), ("base", f"user/{TOKEN}"), ("push_to_hub", f"me/{TOKEN}"), ("labels", {TOKEN: 0}),
+    ("output", TOKEN), ("base", f"user/{TOKEN}"), ("push_to_hub", f"me/{TOKEN}"), ("image_column", TOKEN),
+    ("text_column", API_KEY), ("labels", {TOKEN: 0}),
 ])
 def test_a_job_holding_the_api_key_or_the_bearer_token_in_a_field_is_refused_and_never_listed(
         tmp_path, caplog, field, value):
