@@ -258,3 +258,14 @@ def test_a_post_while_the_stores_disk_is_full_answers_503_saying_so(tmp_path, mo
     assert app.state.scheduler.tokens == {}  # the token of a job that was never stored is not held
     monkeypatch.undo()
     assert client.get("/api/jobs").json()["jobs"] == []
+
+
+def test_the_api_key_sent_as_the_hub_token_is_refused_never_sent_to_the_hub(tmp_path):
+    """POST with `X-API-Key: K` and `Authorization: Bearer K`: queued, to send the service key to the Hub."""
+    app = create_app(tmp_path / "state", api_key=API_KEY)
+    answer = client_of(app).post("/api/jobs", json=BODY, headers={"X-API-Key": API_KEY,
+                                                                  "Authorization": f"Bearer {API_KEY}"})
+    assert answer.status_code == 400, answer.text
+    said = answer.json()["error"]
+    assert "API key" in said and "Authorization" in said and API_KEY not in said
+    assert app.state.store.list() == [] and app.state.scheduler.tokens == {}

@@ -488,6 +488,11 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
             token = _bearer(request)
         except ValueError as problem:
             return error(400, str(problem))
+        if token is not None and api_key is not None and hmac.compare_digest(token.encode(), api_key.encode()):
+            # the job would send the service's key to the Hub as its token
+            return error(400, "the `Authorization: Bearer` token is this service's API key (not shown), which "
+                              "belongs in `X-API-Key` only: send your Hugging Face token as `Authorization: Bearer "
+                              "hf_...`, or leave that header out to use the service's own Hub login")
         # Store and scheduler calls take locks: run them off the event loop, so GETs are never held up.
         return await run_in_threadpool(enqueue, bytes(raw), content_type, dry_run, token)
 
