@@ -269,3 +269,20 @@ def test_the_api_key_sent_as_the_hub_token_is_refused_never_sent_to_the_hub(tmp_
     said = answer.json()["error"]
     assert "API key" in said and "Authorization" in said and API_KEY not in said
     assert app.state.store.list() == [] and app.state.scheduler.tokens == {}
+
+
+def test_a_store_whose_table_lacks_a_column_refuses_to_start_in_one_line(tmp_path):
+    """jobs.sqlite3 of another format (`jobs` without its `result` column): the service started, every GET a 500."""
+    import sqlite3
+
+    from hf_mudsc.serve.store import JobStore, StoreError
+
+    store = JobStore(tmp_path / "state")
+    store.add({"models": ["user/a", "user/b"]}, output=None, repo_id=None, dry_run=True, has_token=False)
+    store.close()
+    with sqlite3.connect(tmp_path / "state" / "jobs.sqlite3") as db:
+        db.execute("ALTER TABLE jobs RENAME COLUMN result TO outcome")
+    with pytest.raises(StoreError) as refused:
+        JobStore(tmp_path / "state")
+    said = str(refused.value)
+    assert "'result'" in said and "move it aside" in said and "\n" not in said

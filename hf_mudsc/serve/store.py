@@ -243,14 +243,17 @@ class JobStore:
                 if "inputs" not in columns:  # a store written before jobs' inputs were claimed
                     self._db.execute("ALTER TABLE jobs ADD COLUMN inputs TEXT")
                 problems = [r[0] for r in self._db.execute("PRAGMA quick_check")]
+                if problems == ["ok"]:
+                    problems = _missing_columns(self._db)
             except sqlite3.DatabaseError as error:
                 problems = [str(error)]
             if problems != ["ok"]:
                 self._db.close()
                 raise StoreError(
                     f"the job store {str(self.path)!r} cannot be read ({'; '.join(problems[:3])}): it is corrupted "
-                    "or truncated, and the service did not start; move it aside (with any -wal and -shm file next "
-                    "to it) to start with an empty store, or pass another --state-dir")
+                    "or truncated (or of another hf-mudsc version), and the service did not start; move it aside "
+                    "(with any -wal and -shm file next to it) to start with an empty store, or pass another "
+                    "--state-dir")
 
     def close(self) -> None:
         with self._lock:
@@ -505,6 +508,22 @@ def _overlap(one: str, other: str) -> bool:
     """Whether two paths (absolute, resolved: outputs, a job's inputs) are the same or one is inside the other."""
     a, b = PurePath(one), PurePath(other)
     return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def _missing_columns(db: sqlite3.Connection) -> list[str]:
+    """["ok"] when the store's tables hold every column `_SCHEMA` gives them, else what lacks which: a store of
+    another format (or edited by hand) would fail every request that reads a job."""
+    lacking = []
+    for table, wanted in (("jobs", JOB_COLUMNS), ("logs", LOG_COLUMNS)):
+        held = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if missing := [name for name in wanted if name not in held]:
+            lacking.append(f"its table {table!r} has no column {', '.join(map(repr, missing))}")
+    return lacking or ["ok"]
+
+
+JOB_COLUMNS = ("seq", "id", "status", "progress", "phase", "error", "request", "dry_run", "has_token", "output",
+               "repo_id", "inputs", "result", "created", "updated")
+LOG_COLUMNS = ("job_id", "n", "line")
 
 
 def _connect(path: Path) -> sqlite3.Connection:
