@@ -286,3 +286,17 @@ def test_a_store_whose_table_lacks_a_column_refuses_to_start_in_one_line(tmp_pat
         JobStore(tmp_path / "state")
     said = str(refused.value)
     assert "'result'" in said and "move it aside" in said and "\n" not in said
+
+
+def test_a_queued_job_holding_a_key_this_version_does_not_know_is_refused_when_it_starts(tmp_path):
+    """A job queued by a newer hf-mudsc (a key this one lacks), then the service downgraded: it ran without that key."""
+    from hf_mudsc.errors import RecipeError
+
+    app = create_app(tmp_path / "state")
+    request = {"models": ["user/a", "user/b"], "method": "linear", "future_option": 3, "dry_run": True}
+    with pytest.raises(RecipeError) as refused:
+        app.state.scheduler.admit(request)
+    said = str(refused.value)
+    assert "'future_option'" in said and "resubmit" in said and "\n" not in said
+    known = {"models": ["user/a", "user/b"], "method": "linear", "dry_run": True, "warnings": ["w"]}
+    assert app.state.scheduler.admit(known)["models"] == ["user/a", "user/b"]

@@ -371,6 +371,10 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         """A queued job is checked again when it starts (it may have been accepted before a restart with other
         roots): its output inside the current output root, its local paths inside the current local roots. Its
         worker is handed the paths that check resolved, not the client's strings."""
+        if unknown := JobRequest.unknown_stored_keys(request):
+            raise RecipeError(f"it holds key(s) {unknown} this hf-mudsc ({__version__}) does not know (it was queued "
+                              "by a newer version, before the service was downgraded) and would run without them: "
+                              "resubmit the job without them, or upgrade the service")
         job = JobRequest.from_stored(request)
         if job.output and not inside_output_root(job.output, outputs):
             raise RecipeError("its `output` was accepted under another output root (the service has restarted "
