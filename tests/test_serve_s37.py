@@ -300,3 +300,63 @@ def test_a_queued_job_holding_a_key_this_version_does_not_know_is_refused_when_i
     assert "'future_option'" in said and "resubmit" in said and "\n" not in said
     known = {"models": ["user/a", "user/b"], "method": "linear", "dry_run": True, "warnings": ["w"]}
     assert app.state.scheduler.admit(known)["models"] == ["user/a", "user/b"]
+
+
+# ---------------------------------------------------------------------------------------------- review fixes (s37)
+
+
+def _download_fails(number: int):
+    def download(*args, **kwargs):
+        raise OSError(number, {28: "No space left on device", 30: "Read-only file system"}.get(number, "Disk quota"),
+                      "/srv/hf-cache/models--user--a/blobs/abc.incomplete")
+    return download
+
+
+def test_a_full_disk_while_downloading_a_parent_is_a_disk_failure_not_an_unreachable_hub(tmp_path, monkeypatch):
+    """hf_hub_download raising OSError(ENOSPC): the job said "cannot reach the Hub ... check the connection"."""
+    import errno
+
+    import huggingface_hub
+
+    from hf_mudsc.load.parents import download_files
+    from hf_mudsc.serve.worker import Reporter, report_failure
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", _download_fails(errno.ENOSPC))
+    with pytest.raises(OSError) as raised:  # the disk failure itself, for the CLI's "no space left on device"
+        download_files("user/a", "user/a", "0" * 40, ["config.json"], token=None, cache_dir=tmp_path)
+    assert raised.value.errno == errno.ENOSPC
+    pipe = SentMessages()
+    report_failure(Reporter(pipe, None, calibrates=False, pushes=False), raised.value)
+    (_, _, error, _), = [m for m in pipe.sent if m[0] == "done"]
+    assert "no space left on device" in error and "reach the Hub" not in error and "connection" not in error
+    assert "/srv/hf-cache" not in error and "free space" in error
+
+
+@pytest.mark.parametrize(("number", "advice"), [(30, "writable"), (122, "quota")])  # EROFS, EDQUOT
+def test_a_read_only_or_over_quota_disk_gets_advice_that_fits_it(number, advice):
+    """A job failing on EROFS (or EDQUOT) was told "ask the operator to free space": no space was missing."""
+    import errno
+
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.serve.worker import Reporter, report_failure
+
+    number = errno.EROFS if number == 30 else getattr(errno, "EDQUOT", 122)
+    wrapped = LoadError("'user/a': something else")  # a wrapper the library adds: its cause is looked at
+    wrapped.__cause__ = OSError(number, "disk", "/srv/out/merged/model.safetensors")
+    pipe = SentMessages()
+    report_failure(Reporter(pipe, None, calibrates=False, pushes=False), wrapped)
+    (_, _, error, _), = [m for m in pipe.sent if m[0] == "done"]
+    assert advice in error and "/srv/out" not in error and "\n" not in error, error
+    if number == errno.EROFS:
+        assert "free space" not in error
+
+
+def test_the_cli_tells_a_user_over_quota_to_raise_the_quota_too():
+    """`hf-mudsc merge` failing on EDQUOT said only "free space": a quota is raised, not only freed."""
+    import errno
+
+    from hf_mudsc.cli.main import disk_failure
+
+    quota = getattr(errno, "EDQUOT", 122)
+    line = disk_failure(OSError(quota, "Disk quota exceeded", "/data/out/model.safetensors"), "merge")
+    assert line is not None and "quota" in line.split(";")[-1], line

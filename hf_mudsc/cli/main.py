@@ -259,7 +259,8 @@ def disk_failure(error: BaseException, command: str | None) -> str | None:
         if number == errno.EROFS:
             fix = f"choose a writable {flag}" if flag else "use a folder on a writable disk"
         else:
-            fix = f"free space{' on its disk' if where else ''}{f', or choose another {flag}' if flag else ''}"
+            quota = " (or raise the quota)" if number == getattr(errno, "EDQUOT", -1) else ""
+            fix = f"free space{' on its disk' if where else ''}{quota}{f', or choose another {flag}' if flag else ''}"
     claim = "; nothing was left half-written" if command in STAGED_WRITES else ""
     return f"hf-mudsc {command}: error: {line}{claim}; {fix}"
 

@@ -252,17 +252,34 @@ def main(conn: Any, job_id: str, request: dict[str, Any]) -> None:
         conn.close()
 
 
+def causes(error: BaseException) -> Iterator[BaseException]:
+    """`error`, then what it was raised from (`__cause__`), and so on: a library wraps a disk failure in its own
+    error (a parent's download: `LoadError`) whose words are not the operator's fix."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__
+
+
+def disk_failure_line(number: int, what: str) -> str:
+    """A job's error for a disk failure (`errors.disk_error`): what the service's operator does about it, never the
+    server's paths (the output root, the Hub cache)."""
+    ask = "ask the service's operator to"
+    if number == errno.EIO:
+        return f"{what} on the service's disk: {ask} check that disk, then resubmit the job"
+    fix = {errno.EROFS: "put the service's output root (--output-root) and Hub cache (HF_HOME) on a writable disk",
+           getattr(errno, "EDQUOT", -1): "free space or raise the quota"}.get(number, "free space")
+    return (f"{what} on the service's disk while the job ran (its output, or the downloads it reads); nothing was "
+            f"left half-written: {ask} {fix}, then resubmit the job")
+
+
 def report_failure(reporter: Reporter, error: Exception) -> None:
     """The job failed: one line (`Type: message`) as its error and in its log; the traceback to the server's log
     (`("traceback", level, text)`), at debug level for an `EXPECTED` error, at error level for any other."""
-    disk = disk_error(error)
+    disk = next((found for cause in causes(error) if (found := disk_error(cause)) is not None), None)
     if disk is not None:  # the operator's to fix, in the service's words (never the server's paths)
-        number, what, _ = disk
-        line = (f"{what} on the service's disk while the job ran (its output, or the downloads it reads); nothing "
-                "was left half-written: "
-                "ask the service's operator to free space (or fix the disk), then resubmit the job"
-                if number != errno.EIO else f"{what} on the service's disk: ask the service's operator to check "
-                "that disk, then resubmit the job")
+        line = disk_failure_line(disk[0], disk[1])
     else:
         line = reporter.scrub(f"{type(error).__name__}: {hub_error_line(error)}")
     expected = disk is not None or isinstance(error, EXPECTED)
