@@ -360,3 +360,89 @@ def test_the_cli_tells_a_user_over_quota_to_raise_the_quota_too():
     quota = getattr(errno, "EDQUOT", 122)
     line = disk_failure(OSError(quota, "Disk quota exceeded", "/data/out/model.safetensors"), "merge")
     assert line is not None and "quota" in line.split(";")[-1], line
+
+
+class StuckProcess:
+    """A worker process as the scheduler sees it (its work runs in a thread of the test)."""
+
+    exitcode = None
+
+    def is_alive(self) -> bool:
+        return False
+
+    def join(self, timeout: float | None = None) -> None:
+        return None
+
+    def kill(self) -> None:
+        return None
+
+
+def _worker_side(child, reporter) -> None:
+    """The worker's pipe reader (`watch_pipe` without its hard exit) feeding the reporter."""
+    from hf_mudsc.serve.worker import receive
+
+    while True:
+        try:
+            message = child.recv()
+        except (EOFError, OSError):
+            return
+        receive(reporter, message)
+
+
+def _pushing_worker(child, reporter) -> None:
+    """The worker from the publish phase on: its first Hub record begins the push; then it is done."""
+    from hf_mudsc.serve.worker import ForwardHandler, JobCancelled
+
+    handler = ForwardHandler(reporter)
+    reporter.enter("publish")
+    try:
+        handler.emit(logging.LogRecord("hf_mudsc.publish.hub", logging.INFO, __file__, 1,
+                                       "waiting for the Hub: creating the repo 'me/merged'", (), None))
+    except JobCancelled:
+        reporter.send(("done", "cancelled", "cancelled on request; nothing was pushed", None))
+    else:
+        reporter.send(("done", "succeeded", None, {"repo_id": "me/merged"}))
+    import os
+    import socket
+
+    # The worker process exits: its end of the pipe closes (a shutdown wakes the reader thread blocked on it too).
+    end = socket.socket(fileno=os.dup(child.fileno()))
+    end.shutdown(socket.SHUT_RDWR)
+    end.close()
+
+
+@pytest.mark.parametrize("cancel_first", [True, False])
+def test_a_cancel_sent_as_the_push_begins_either_stops_it_before_any_upload_or_is_refused(tmp_path, cancel_first):
+    """DELETE after the worker sent ("pushing",), before the scheduler read it: 202, then the push landed, "succeeded"."""
+    import multiprocessing
+    import threading
+
+    from hf_mudsc.serve.scheduler import PushUnderway, Running
+    from hf_mudsc.serve.worker import Reporter
+
+    app = create_app(tmp_path / "state")
+    store, scheduler = app.state.store, app.state.scheduler
+    job_id = store.add({"models": ["user/a", "user/b"], "push_to_hub": "me/merged"}, output=None,
+                       repo_id="me/merged", dry_run=False, has_token=False)
+    store.update(job_id, status="running", phase="build", progress=0.85)
+    parent, child = multiprocessing.Pipe()
+    reporter = Reporter(child, None, calibrates=False, pushes=True)
+    run = Running(StuckProcess(), parent)
+    scheduler.running[job_id] = run
+    threading.Thread(target=_worker_side, args=(child, reporter), daemon=True).start()
+    worker = threading.Thread(target=_pushing_worker, args=(child, reporter), daemon=True)
+    worker.start()
+    assert parent.poll(10)  # the worker said its push begins; the scheduler has not read it yet
+    if cancel_first:
+        assert scheduler.cancel(job_id) is True  # 202
+    scheduler._copy_messages(job_id, run)
+    worker.join(10)
+    if run.timer is not None:
+        run.timer.cancel()
+    job = store.get(job_id)
+    if cancel_first:  # accepted: the push never started
+        assert job["status"] == "cancelled" and "nothing was pushed" in job["error"], job
+    else:  # the push began: the cancel is refused (409), the job succeeds
+        with pytest.raises(PushUnderway):
+            scheduler.cancel(job_id)
+        assert job["status"] == "succeeded", job

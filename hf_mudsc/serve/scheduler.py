@@ -399,9 +399,14 @@ class Scheduler:
                 logger.log(int(message[1]), "job %s failed:\n%s", job_id, message[2], extra={"keep_lines": True})
             elif kind == "phase":
                 self.store.update(job_id, phase=message[1], progress=float(message[2]))
-            elif kind == "pushing":
-                with self._lock:
-                    run.pushing = True
+            elif kind == "pushing":  # the worker waits for the answer (`worker.Reporter.begin_push`)
+                with self._lock:  # the lock `cancel` holds: a cancel comes wholly before this or is refused after
+                    run.pushing = not (run.requested or run.cancelled or self._stopping)
+                    granted = run.pushing
+                try:
+                    run.conn.send("push" if granted else "no-push")
+                except (BrokenPipeError, OSError):
+                    pass  # the worker is gone: its pipe closes next
             elif kind == "done":
                 final = message
                 self._settle(job_id, run, final)

@@ -7,7 +7,10 @@ This module imports nothing heavy at import time; the merge engine is imported b
     web -> worker   {"token": str | None}   first, once (the token never touches the disk)
                     "cancel"                 stop at the next safe point
     worker -> web   ("phase", name, progress)   ("log", line)   ("done", status, error, result)
-                    ("pushing",)   the push has begun: it is never stopped (no cancel point, no kill for a cancel)
+                    ("pushing",)   the push is about to begin; the worker waits for the answer:
+    web -> worker   "push"          go on: the scheduler marked the job pushing (a cancel now answers 409), and the
+                                    push is never stopped (no cancel point, no kill for a cancel)
+                    "no-push"       a cancel came first (or the service stops): stop before any upload
                     ("traceback", level, text)   a failure's traceback, for the server's log only (never the job's)
 
 Progress comes from the pipeline's own logging records (a handler on the `hf_mudsc` logger maps each stage's
@@ -98,6 +101,10 @@ class Reporter:
         self.pushes = pushes
         self.cancel = threading.Event()
         self.pushing = False  # the push has begun (repo created, one commit): it completes, a cancel waits it out
+        self.push_asked = False  # ("pushing",) was sent: the answer ("push" or "no-push") is awaited once
+        self.push_answered = threading.Event()
+        self.push_granted = False
+        self.push_refused = False  # the scheduler answered "no-push": stopped before any upload
         self.phase: str | None = None
         self.batches = 0
         self.pass_batches = 0  # batches in the current phase after calibration (PASS_ENDS)
@@ -136,6 +143,7 @@ class Reporter:
                 self.conn.send(message)
             except (BrokenPipeError, OSError):
                 self.cancel.set()  # the web process is gone
+                self.push_answered.set()  # no answer will come: the push does not begin
 
     def log(self, line: str) -> None:
         self.send(("log", self.scrub(line)))
@@ -149,6 +157,26 @@ class Reporter:
         self.pass_batches = 0
         self.phase_start = PROGRESS[phase] if progress is None else progress
         self.send(("phase", phase, self.phase_start))
+
+    def begin_push(self) -> None:
+        """Checking or creating the repo after the merge: the push is about to begin. Asked of the scheduler, which
+        under its lock either marks the job pushing (a later cancel answers 409 and the push completes) or answers
+        that a cancel came first: then the cancel is set, and the next cancel point (right after this record)
+        stops the job before anything reaches the Hub. Without the question, a cancel sent as the push began was
+        answered 202 and the push landed anyway, the job "succeeded"."""
+        self.push_asked = True
+        self.send(("pushing",))
+        self.push_answered.wait()
+        if self.push_granted:
+            self.pushing = True
+        else:
+            self.push_refused = True
+            self.cancel.set()
+
+    def answer_push(self, granted: bool) -> None:
+        """The scheduler's answer to ("pushing",) (`receive`)."""
+        self.push_granted = granted
+        self.push_answered.set()
 
     def checkpoint(self) -> None:
         """A cancel point: raise `JobCancelled` if a cancel was asked and the push has not begun."""
@@ -176,9 +204,8 @@ class Reporter:
 
     def on_record(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
-        if self.phase == "publish" and record.name == "hf_mudsc.publish.hub" and not self.pushing:
-            self.pushing = True  # checking or creating the repo after the merge: the push has begun
-            self.send(("pushing",))  # so the scheduler never kills this worker for a cancel (scheduler._kill)
+        if self.phase == "publish" and record.name == "hf_mudsc.publish.hub" and not self.push_asked:
+            self.begin_push()
         for prefix, start, phase, progress in PHASE_MARKS:
             if record.name.startswith(prefix) and message.startswith(start):
                 if phase == "published":
@@ -213,16 +240,24 @@ def watch_pipe(conn: Any, reporter: Reporter) -> None:
             message = conn.recv()
         except (EOFError, OSError):
             reporter.cancel.set()
+            reporter.push_answered.set()  # the push does not begin
             if reporter.phase in (None, "load"):  # nothing written yet: an orphan stops now
                 os._exit(3)
             time.sleep(ORPHAN_GRACE_S)
             os._exit(3)
-        if message == "cancel":
-            reporter.cancel.set()
-            if reporter.phase in (None, "load"):  # nothing written yet (a dry run never writes): stop now
-                reporter.send(("done", "cancelled", "cancelled on request; nothing was written or pushed", None))
-                with reporter._lock:  # no other message after the final one
-                    os._exit(4)
+        receive(reporter, message)
+
+
+def receive(reporter: Reporter, message: Any) -> None:
+    """One message of the web process (`watch_pipe`): a cancel, or the answer to the push's question."""
+    if message in ("push", "no-push"):
+        reporter.answer_push(message == "push")
+    elif message == "cancel":
+        reporter.cancel.set()
+        if reporter.phase in (None, "load"):  # nothing written yet (a dry run never writes): stop now
+            reporter.send(("done", "cancelled", "cancelled on request; nothing was written or pushed", None))
+            with reporter._lock:  # no other message after the final one
+                os._exit(4)
 
 
 def main(conn: Any, job_id: str, request: dict[str, Any]) -> None:
@@ -243,7 +278,11 @@ def main(conn: Any, job_id: str, request: dict[str, Any]) -> None:
         with checked_rename(reporter.before_rename):
             result = dry_run_plan(job, token) if job.dry_run else run_merge(job, token, reporter)
     except JobCancelled:
-        reporter.send(("done", "cancelled", "cancelled on request; nothing was written or pushed", None))
+        said = "cancelled on request; nothing was written or pushed"
+        if reporter.push_refused:  # the cancel came as the push was about to begin: the model may be written
+            said = ("cancelled on request before its push began; nothing was pushed"
+                    + (" (the merged model was written to its output)" if job.output else ""))
+        reporter.send(("done", "cancelled", said, None))
     except Exception as error:  # noqa: BLE001 - any failure of the job is reported, the worker exits
         report_failure(reporter, error)
     else:
