@@ -48,12 +48,14 @@ def test_a_job_holding_the_api_key_or_the_bearer_token_in_a_field_is_refused_and
 
 
 def test_a_short_api_key_refuses_only_a_field_that_is_it_not_every_word_holding_its_letters(tmp_path):
-    """--api-key ab: a job whose parents are `user/a`, `user/b` (`ab` nowhere as a word) is accepted, `user/ab` not."""
+    """--api-key ab: a job whose parents are `user/lab`, `user/b` is accepted; `ab` itself as a parent is not."""
     app = create_app(tmp_path / "state", api_key="ab")
     client = client_of(app)
     assert client.post("/api/jobs", json={**BODY, "models": ["user/lab", "user/b"]},
                        headers={"X-API-Key": "ab"}).status_code == 201
-    refused = client.post("/api/jobs", json={**BODY, "models": ["user/ab", "user/b"]}, headers={"X-API-Key": "ab"})
+    assert client.post("/api/jobs", json={**BODY, "models": ["user/ab", "user/b"]},
+                       headers={"X-API-Key": "ab"}).status_code == 201  # a word inside a value: not the key
+    refused = client.post("/api/jobs", json={**BODY, "models": ["ab", "user/b"]}, headers={"X-API-Key": "ab"})
     assert refused.status_code == 400 and "`models`" in refused.json()["error"]
 
 
@@ -446,3 +448,64 @@ def test_a_cancel_sent_as_the_push_begins_either_stops_it_before_any_upload_or_i
         with pytest.raises(PushUnderway):
             scheduler.cancel(job_id)
         assert job["status"] == "succeeded", job
+
+
+@pytest.mark.parametrize(("api_key", "token", "body"), [
+    ("main", None, {**BODY, "models": ["org/main", "user/b"]}),  # a short key: a word of a parent's name
+    ("models", None, BODY),  # the body's own key name
+    (None, "openai", {**BODY, "models": ["openai/clip", "user/b"]}),  # a short Bearer token of no hf_ shape
+])
+def test_a_short_or_common_secret_does_not_refuse_ordinary_jobs(tmp_path, api_key, token, body):
+    """--api-key main refused parent `org/main`; `--api-key models` every job; Bearer `openai` refused `openai/clip`."""
+    app = create_app(tmp_path / "state", api_key=api_key)
+    headers = {"X-API-Key": api_key} if api_key else {}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    answer = client_of(app).post("/api/jobs", json=body, headers=headers)
+    assert answer.status_code == 201, answer.text
+
+
+@pytest.mark.parametrize("which", ["key", "token"])
+def test_a_refused_secret_is_named_and_only_the_token_gets_the_hub_token_advice(tmp_path, which):
+    """A field equal to a short API key was refused as "the API key or the Hub token", with the Hub token's advice."""
+    app = create_app(tmp_path / "state", api_key="main")
+    headers = {"X-API-Key": "main", "Authorization": "Bearer openai"}
+    value = "main" if which == "key" else "openai"
+    answer = client_of(app).post("/api/jobs", json={**BODY, "output": value}, headers=headers)
+    assert answer.status_code == 400, answer.text
+    said = answer.json()["error"]
+    assert "`output`" in said and "not shown" in said and "'main'" not in said and "'openai'" not in said
+    if which == "key":
+        assert "API key" in said and "Authorization" not in said and "Hub token" not in said, said
+    else:
+        assert "Hub token" in said and "Authorization" in said and "X-API-Key" not in said, said
+
+
+@pytest.mark.parametrize(("content_type", "body"), [
+    ("application/json", '{"models": ["user/a", "user/b"], "labels": {"SECRET": 0, "SECRET": 1}}'),
+    ("application/json", '{"models": ["user/a"], "SECRET": 1, "SECRET": 2}'),
+    ("application/yaml", "models: [user/a, user/b]\nSECRET: 1\nSECRET: 2\n"),
+    ("application/yaml", "models: [user/a, user/b]\noutput: !SECRET x\n"),
+])
+def test_a_parse_error_never_repeats_a_secret(tmp_path, content_type, body):
+    """A JSON or YAML body with the API key as a duplicated key (or a YAML tag): the 400 repeated the key."""
+    app = create_app(tmp_path / "state", api_key=API_KEY)
+    answer = client_of(app).post("/api/jobs", content=body.replace("SECRET", API_KEY),
+                                 headers={"X-API-Key": API_KEY, "Content-Type": content_type})
+    assert answer.status_code == 400, answer.text
+    assert API_KEY not in answer.text and "***" in answer.text, answer.text
+
+
+def test_a_numeric_secret_sent_as_a_number_is_refused(tmp_path):
+    """--api-key 123456789012345678 and `"seed": 123456789012345678`: stored and shown (only strings were looked at)."""
+    key = "123456789012345678"
+    app = create_app(tmp_path / "state", api_key=key)
+    client = client_of(app)
+    answer = client.post("/api/jobs", content=f'{{"models": ["user/a", "user/b"], "seed": {key}, "dry_run": true}}',
+                         headers={"X-API-Key": key, "Content-Type": "application/json"})
+    assert answer.status_code == 400, answer.text
+    assert key not in answer.text and "`seed`" in answer.json()["error"]
+    assert app.state.store.list() == []
+    short = create_app(tmp_path / "short", api_key="1234")
+    refused = client_of(short).post("/api/jobs", json={**BODY, "seed": 1234}, headers={"X-API-Key": "1234"})
+    assert refused.status_code == 400 and "1234" not in refused.text

@@ -27,7 +27,7 @@ HEADER_MAX_BYTES = 16 << 10
 CLIENT_TEXT_LOGGERS = ("uvicorn.access", "uvicorn.error")
 REDACTED = "hf_***"
 # A secret (a job's Hub token, the service's API key) at least this long is found wherever it occurs (`mask_token`,
-# `holds_secret`): Hub tokens are 37 characters; a shorter value would also match the words that contain it.
+# `jobs.refuse_secrets`): Hub tokens are 37 characters; a shorter value would also match the words that contain it.
 TOKEN_MIN_LENGTH = 16
 
 
@@ -92,15 +92,15 @@ def host_name(header: str) -> str:
     return header.rpartition(":")[0] if header.count(":") == 1 else header
 
 
+def is_long_secret(secret: str) -> bool:
+    """A secret shaped like an access token or at least `TOKEN_MIN_LENGTH` characters: no word of a message or a
+    name holds one by chance, so it is found wherever it occurs."""
+    return looks_like_token(secret) or len(secret) >= TOKEN_MIN_LENGTH
+
+
 def mask_token(text: str, token: str) -> str:
-    """`text` with `token` replaced by `***`: every occurrence when it is shaped like an access token or at least
-    `TOKEN_MIN_LENGTH` characters (no word of a message holds one by chance), else only where no letter, digit or
-    `_` adjoins it (the letters `e` in "folder" are not the token `e`)."""
-    if looks_like_token(token) or len(token) >= TOKEN_MIN_LENGTH:
+    """`text` with `token` replaced by `***`: every occurrence when it is long (`is_long_secret`), else only where no
+    letter, digit or `_` adjoins it (the letters `e` in "folder" are not the token `e`)."""
+    if is_long_secret(token):
         return text.replace(token, "***")
     return re.sub(rf"(?<![A-Za-z0-9_]){re.escape(token)}(?![A-Za-z0-9_])", "***", text)
-
-
-def holds_secret(text: str, secret: str) -> bool:
-    """Whether `text` holds `secret` as `mask_token` finds it (anywhere when long, as a whole word when short)."""
-    return mask_token(text, secret) != text

@@ -70,7 +70,7 @@ from hf_mudsc.errors import RecipeError, shown
 from hf_mudsc.load.references import clean_token
 from hf_mudsc.publish.folder import weights_fingerprint
 from hf_mudsc.publish.recipe import RecipeLoader, repeated_key, yaml_error_line
-from hf_mudsc.serve import HEADER_MAX_BYTES, clean_api_key, host_name, is_loopback
+from hf_mudsc.serve import HEADER_MAX_BYTES, clean_api_key, host_name, is_loopback, mask_token
 from hf_mudsc.serve.jobs import (
     JobRequest,
     accepted_keys,
@@ -502,8 +502,14 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
 
     def enqueue(raw: bytes, content_type: str, dry_run: bool, token: str | None) -> JSONResponse:
         try:
-            body = _parse_body(raw, content_type)
-            refuse_secrets(body, {"the service's API key": api_key, "the request's Hub token": token})
+            try:
+                body = _parse_body(raw, content_type)
+            except RecipeError as problem:  # its message quotes the body (a repeated key, a YAML tag): no secret
+                said = str(problem)
+                for secret in (api_key, token):
+                    said = mask_token(said, secret) if secret else said
+                raise RecipeError(said) from None
+            refuse_secrets(body, api_key=api_key, token=token)
             text = raw.decode("utf-8") if _media_type(content_type) in YAML_TYPES else None  # its comments too
             job = parse_job(body, outputs, dry_run=dry_run, local_roots=roots, text=text,
                             being_written=store.active_outputs())

@@ -70,7 +70,7 @@ from hf_mudsc.publish.recipe import (
     unresolved_published_entries,
 )
 from hf_mudsc.runner import check_merge_output
-from hf_mudsc.serve import holds_secret
+from hf_mudsc.serve import is_long_secret
 
 logger = logging.getLogger(__name__)
 
@@ -593,22 +593,50 @@ def refuse_tokens(body: Mapping[str, Any]) -> None:
                               "only as the `Authorization: Bearer <token>` header, never in a job's fields")
 
 
-def refuse_secrets(body: Any, secrets: Mapping[str, str | None]) -> None:
-    """No key or value of a job holds one of `secrets` (what it is -> its value: the service's API key, the job's
-    own Hub token as its `Authorization` header sent it, whatever its shape): a job is stored, listed and shown to
-    anyone who may read the service (reading needs no key), its recipe lands in the pushed card, and
-    `refuse_tokens` knows only the Hub's `hf_` shape. Refused naming the field and the secret, never showing it,
-    before any other check may repeat the value."""
+def refuse_secrets(body: Any, *, api_key: str | None, token: str | None) -> None:
+    """No field of a job holds the service's API key or the job's own Hub token (as its `Authorization` header sent
+    it, whatever its shape): a job is stored, listed and shown to anyone who may read the service (reading needs no
+    key), its recipe lands in the pushed card, and `refuse_tokens` knows only the Hub's `hf_` shape. A secret of
+    `TOKEN_MIN_LENGTH` characters or more (or shaped like a token) is found anywhere, key names and numbers
+    included; a shorter one only as a whole value (`--api-key main` is not the parent `org/main`, nor the key
+    `models`). Refused naming the field and which secret it holds, never showing it, before any other check may
+    repeat the value."""
     if not isinstance(body, Mapping):
         return  # `check_job` refuses it (its message shows no value)
-    for key, value in body.items():
-        texts = [str(key), *strings_in(value)]
-        for what, secret in secrets.items():
-            if secret and any(holds_secret(text, secret) for text in texts):
-                where = "a key" if holds_secret(str(key), secret) else f"`{key}`"
+    for what, secret, advice in (("the service's API key", api_key, "send the API key only as the `X-API-Key` header"),
+                                 ("the request's Hub token", token, SERVICE_TOKEN_FIX)):
+        if not secret:
+            continue
+        for key, value in body.items():
+            if secret_in_field(key, value, secret):
+                where = "a key" if is_long_secret(secret) and secret in str(key) else f"`{key}`"
                 raise RecipeError(f"{where} of the job holds {what} (not shown): a job's fields are stored and shown "
-                                  f"to anyone who reads the service; {SERVICE_TOKEN_FIX}, and the API key only as "
-                                  "the `X-API-Key` header")
+                                  f"to anyone who reads the service; {advice}")
+
+
+def secret_in_field(key: Any, value: Any, secret: str) -> bool:
+    """Whether the field `key: value` of a job holds `secret` as `refuse_secrets` looks for it."""
+    if is_long_secret(secret):
+        return any(secret in text for text in (str(key), *texts_in(value, keys=True)))
+    return any(text == secret for text in texts_in(value, keys=False))
+
+
+def texts_in(value: Any, *, keys: bool) -> Iterator[str]:
+    """Every string and number (as its text: a numeric secret sent unquoted) in `value`, however deep; the keys of
+    its mappings too when `keys`."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, (int, float)) and not isinstance(item, bool):
+            yield str(item)
+        elif isinstance(item, Mapping):
+            if keys:
+                pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
 
 
 def refuse_control_characters(body: Mapping[str, Any]) -> None:
