@@ -415,7 +415,7 @@ def _pushing_worker(child, reporter) -> None:
 
 @pytest.mark.parametrize("cancel_first", [True, False])
 def test_a_cancel_sent_as_the_push_begins_either_stops_it_before_any_upload_or_is_refused(tmp_path, cancel_first):
-    """DELETE after the worker sent ("pushing",), before the scheduler read it: 202, then the push landed, "succeeded"."""
+    """DELETE after the worker sent ("pushing",), before the scheduler read it: 202, then the push landed: succeeded."""
     import multiprocessing
     import threading
 
