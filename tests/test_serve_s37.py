@@ -509,3 +509,51 @@ def test_a_numeric_secret_sent_as_a_number_is_refused(tmp_path):
     short = create_app(tmp_path / "short", api_key="1234")
     refused = client_of(short).post("/api/jobs", json={**BODY, "seed": 1234}, headers={"X-API-Key": "1234"})
     assert refused.status_code == 400 and "1234" not in refused.text
+
+
+def test_head_of_a_served_file_never_reads_it(tmp_path, monkeypatch):
+    """HEAD /jobs/{id}/files/model-card.md was run as its GET: the whole file read, then the body dropped."""
+    import anyio
+
+    from hf_mudsc.publish.folder import staged_output
+
+    outputs = tmp_path / "out"
+    app = create_app(tmp_path / "state", output_root=outputs)
+    client = client_of(app)
+    job_id = client.post("/api/jobs", json={**BODY, "dry_run": False, "output": "m1"}).json()["id"]
+    folder = outputs / "m1"
+    with staged_output(folder) as staging:
+        (staging / "README.md").write_text("# card\n")
+    app.state.store.update(job_id, status="succeeded", result={"output": str(folder.resolve()),
+                                                               "files": ["README.md"]})
+    got = client.get(f"/jobs/{job_id}/files/README.md")
+    assert got.text == "# card\n"
+
+    async def no_reading(*args, **kwargs):
+        raise AssertionError("the file was opened for a HEAD")
+
+    monkeypatch.setattr(anyio, "open_file", no_reading)
+    head = client.head(f"/jobs/{job_id}/files/README.md")
+    assert head.status_code == 200 and head.content == b"", head.text
+    assert head.headers["content-length"] == got.headers["content-length"]
+    assert head.headers["x-content-type-options"] == "nosniff"
+    missing = client.head(f"/jobs/{job_id}/files/nothing.md")
+    assert missing.status_code == 404 and missing.content == b""
+
+
+def test_the_openapi_schema_lists_the_keys_a_pushed_recipe_holds(tmp_path):
+    """POST accepts `hf_mudsc_version` and `auto_chosen` (a pushed recipe's), but the schema said no other key."""
+    schema = client_of(create_app(tmp_path / "state")).get("/openapi.json").json()
+    body = schema["paths"]["/api/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"hf_mudsc_version", "auto_chosen"} <= set(body["properties"])
+    assert all("head" not in operations for operations in schema["paths"].values())
+
+
+def test_a_queued_job_with_an_unknown_key_does_not_blame_a_newer_version_only(tmp_path):
+    """A job with a key this version does not know was said "queued by a newer version": an older one may have too."""
+    from hf_mudsc.errors import RecipeError
+
+    app = create_app(tmp_path / "state")
+    with pytest.raises(RecipeError) as refused:
+        app.state.scheduler.admit({"models": ["user/a", "user/b"], "old_option": 1, "dry_run": True})
+    assert "a newer or an older version" in str(refused.value)

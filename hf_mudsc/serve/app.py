@@ -48,7 +48,7 @@ import hmac
 import html
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path, PurePath
@@ -69,7 +69,7 @@ from hf_mudsc._version import __version__
 from hf_mudsc.errors import RecipeError, shown
 from hf_mudsc.load.references import clean_token
 from hf_mudsc.publish.folder import weights_fingerprint
-from hf_mudsc.publish.recipe import RecipeLoader, repeated_key, yaml_error_line
+from hf_mudsc.publish.recipe import INFO_KEYS, RecipeLoader, repeated_key, yaml_error_line
 from hf_mudsc.serve import HEADER_MAX_BYTES, clean_api_key, host_name, is_loopback, mask_token
 from hf_mudsc.serve.jobs import (
     JobRequest,
@@ -189,10 +189,13 @@ class HeaderCap:
 class HeadAsGet:
     """ASGI layer: a HEAD request is answered as its GET (status, headers, Content-Length) without the body. HTTP
     requires HEAD wherever GET is answered (RFC 9110 §9.3.2: monitors and `curl -I` send it); FastAPI's GET routes
-    answered it 405. Every GET of the service only reads, so running one for a HEAD changes nothing."""
+    answered it 405. A GET run for a HEAD does what that GET does (reads the store, and marks a record it cannot
+    read unreadable, as the GET would); a route that answers HEAD itself (`answers_head`: the files route, whose
+    `FileResponse` sends only the headers) gets the HEAD as it is, so a file is not read to be thrown away."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, answers_head: Callable[[Any], bool] = lambda scope: False) -> None:
         self.app = app
+        self.answers_head = answers_head
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope.get("method") != "HEAD":
@@ -200,10 +203,11 @@ class HeadAsGet:
 
         async def headers_only(message: Any) -> None:
             if message["type"] == "http.response.body":
-                message = {**message, "body": b""}
+                message = {**message, "body": b""}  # an error's JSON too
             await send(message)
 
-        await self.app({**scope, "method": "GET"}, receive, headers_only)
+        as_get = scope if self.answers_head(scope) else {**scope, "method": "GET"}
+        await self.app(as_get, receive, headers_only)
 
 
 class ServiceApp(FastAPI):
@@ -213,7 +217,12 @@ class ServiceApp(FastAPI):
     answer (`openapi`)."""
 
     def build_middleware_stack(self) -> Any:
-        return NoSniffing(HeaderCap(HeadAsGet(super().build_middleware_stack())))
+        return NoSniffing(HeaderCap(HeadAsGet(super().build_middleware_stack(), self.answers_head)))
+
+    def answers_head(self, scope: Any) -> bool:
+        """Whether a route of its own answers the HEAD request `scope` (one declared with HEAD among its methods)."""
+        return any("HEAD" in (getattr(route, "methods", None) or ()) and route.matches(scope)[0] == Match.FULL
+                   for route in self.router.routes)
 
     def allowed_methods(self, scope: Any) -> list[str]:
         """Every method some route answers at the request's path (HEAD wherever GET is: `HeadAsGet`), for a 405's
@@ -262,7 +271,7 @@ def job_body_schema() -> dict[str, Any]:
     """POST /api/jobs's request body as OpenAPI says it: a mapping of recipe keys, as JSON or YAML (the handler reads
     the body itself, so FastAPI cannot see it)."""
     recipe = {"type": "object", "description": "recipe keys (at least `models`), the destination and `dry_run`",
-              "properties": {key: {} for key in accepted_keys()}, "required": ["models"],
+              "properties": {key: {} for key in (*accepted_keys(), *INFO_KEYS)}, "required": ["models"],
               "additionalProperties": False}
     return {"required": True, "content": {media: {"schema": recipe} for media in (*JSON_TYPES, *YAML_TYPES)}}
 
@@ -372,9 +381,9 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         roots): its output inside the current output root, its local paths inside the current local roots. Its
         worker is handed the paths that check resolved, not the client's strings."""
         if unknown := JobRequest.unknown_stored_keys(request):
-            raise RecipeError(f"it holds key(s) {unknown} this hf-mudsc ({__version__}) does not know (it was queued "
-                              "by a newer version, before the service was downgraded) and would run without them: "
-                              "resubmit the job without them, or upgrade the service")
+            raise RecipeError(f"it holds key(s) {unknown} this hf-mudsc ({__version__}) does not know (a key from a "
+                              "newer or an older version, queued before the service was changed) and would run "
+                              "without them: resubmit the job without them, or run the version that queued it")
         job = JobRequest.from_stored(request)
         if job.output and not inside_output_root(job.output, outputs):
             raise RecipeError("its `output` was accepted under another output root (the service has restarted "
@@ -655,6 +664,9 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         if folder is None or name not in _files(folder):
             return error(404, f"job {job_id} has no output file {name!r}")
         return FileResponse(folder / name, headers=FILE_HEADERS)
+
+    # HEAD of a file as its own route (`HeadAsGet` passes it through): `FileResponse` sends the headers only.
+    app.add_api_route("/jobs/{job_id}/files/{name:path}", job_file, methods=["HEAD"], include_in_schema=False)
 
     return app
 

@@ -145,7 +145,7 @@ class JobRequest:
     @classmethod
     def unknown_stored_keys(cls, data: Mapping[str, Any]) -> list[str]:
         """The keys of a stored job this version would drop (`from_stored` reads only what it knows): a job queued by
-        a newer hf-mudsc, before the service was downgraded, would run without them."""
+        a newer or an older hf-mudsc, before the service was changed, would run without them."""
         known = {*Recipe.keys(), *INFO_KEYS, "dry_run", "base_from_cards", "warnings"}
         return sorted(str(key) for key in data if key not in known)
 
