@@ -150,8 +150,6 @@ def test_the_worker_tells_the_scheduler_once_when_its_push_begins():
 
     pipe = Pipe()
     reporter = Reporter(pipe, None, calibrates=False, pushes=True)
-    reporter.push_answered.set()  # the scheduler's answer (session 37: the worker asks before pushing)
-    reporter.push_granted = True
     handler = ForwardHandler(reporter)
     handler.emit(hub_record("checking the repo 'me/merged'"))  # before the merge is written: no push yet
     assert ("pushing",) not in pipe.sent

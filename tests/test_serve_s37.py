@@ -429,6 +429,7 @@ def test_a_cancel_sent_as_the_push_begins_either_stops_it_before_any_upload_or_i
     store.update(job_id, status="running", phase="build", progress=0.85)
     parent, child = multiprocessing.Pipe()
     reporter = Reporter(child, None, calibrates=False, pushes=True)
+    reporter.asks_before_push = True  # as `worker.main` sets it: `_worker_side` reads the answers
     run = Running(StuckProcess(), parent)
     scheduler.running[job_id] = run
     threading.Thread(target=_worker_side, args=(child, reporter), daemon=True).start()

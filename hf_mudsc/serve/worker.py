@@ -102,6 +102,9 @@ class Reporter:
         self.cancel = threading.Event()
         self.pushing = False  # the push has begun (repo created, one commit): it completes, a cancel waits it out
         self.push_asked = False  # ("pushing",) was sent: the answer ("push" or "no-push") is awaited once
+        # Whether something reads the web process's answers (`watch_pipe`, started by `main`): without a reader no
+        # answer can arrive, and the push begins unasked, as before the question existed.
+        self.asks_before_push = False
         self.push_answered = threading.Event()
         self.push_granted = False
         self.push_refused = False  # the scheduler answered "no-push": stopped before any upload
@@ -166,6 +169,9 @@ class Reporter:
         answered 202 and the push landed anyway, the job "succeeded"."""
         self.push_asked = True
         self.send(("pushing",))
+        if not self.asks_before_push:
+            self.pushing = True
+            return
         self.push_answered.wait()
         if self.push_granted:
             self.pushing = True
@@ -269,6 +275,7 @@ def main(conn: Any, job_id: str, request: dict[str, Any]) -> None:
     needs_data = job.recipe.refit in REFITTING or (job.recipe.refit == "auto" and bool(job.recipe.calibration)) \
         or _needs_calibration(job)
     reporter = Reporter(conn, token, calibrates=needs_data, pushes=bool(job.recipe.push_to_hub))
+    reporter.asks_before_push = True  # `watch_pipe` reads the scheduler's answer
     threading.Thread(target=watch_pipe, args=(conn, reporter), daemon=True, name="pipe-watch").start()
     logger = logging.getLogger("hf_mudsc")
     logger.setLevel(logging.INFO)
