@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import re
 import reprlib
 import unicodedata
 from typing import Any
@@ -146,3 +148,23 @@ class UnknownKeywordError(MergeInputError, TypeError):
 class UnmergeableModelError(MergeInputError):
     """A parent is protected against merging (e.g. MergeLock-style re-factored attention heads); no option
     overrides this: its owner asked not to be merged, and the merge would collapse."""
+
+
+# Disk failures the user fixes outside the tool, said in one line (the CLI's `disk_failure`, a service job's error):
+# a plain OSError, or safetensors' SafetensorError ("... No space left on device (os error 28)", no OSError) while
+# the weights are written.
+DISK_FAILURES = {errno.ENOSPC: "no space left on device", getattr(errno, "EDQUOT", -1): "disk quota exceeded",
+                 errno.EROFS: "read-only file system", errno.EIO: "input/output error"}
+OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")
+
+
+def disk_error(error: BaseException) -> tuple[int, str, str | None] | None:
+    """(errno, what it is in words, the file it names or None) when `error` is a disk failure (`DISK_FAILURES`)."""
+    if isinstance(error, OSError):
+        number, where = error.errno, error.filename
+    elif type(error).__name__ == "SafetensorError" and (code := OS_ERROR_CODE.search(str(error))):
+        number, where = int(code.group(1)), "the weights"
+    else:
+        return None
+    what = DISK_FAILURES.get(number) if number is not None else None
+    return None if what is None else (number, what, None if where is None else str(where))

@@ -165,8 +165,9 @@ def test_a_cancel_never_kills_a_worker_whose_push_has_begun(tmp_path):
     from hf_mudsc.serve.scheduler import Running
 
     store, scheduler, job_id = pushing_job(tmp_path)
-    run = Running(Process(), Pipe(incoming=[("pushing",)]), cancelled=True, requested=True)
+    run = Running(Process(), Pipe(incoming=[("pushing",)]))
     scheduler._copy_messages(job_id, run)  # the worker said its push began
+    run.cancelled = run.requested = True  # cancelled after (session 37: a cancel before it answers "no-push")
     scheduler._kill(job_id, run)  # the cancel's grace is over
     assert not run.process.killed
     writing = Running(Process(), Pipe(), cancelled=True, requested=True)
@@ -180,8 +181,9 @@ def test_a_pushing_worker_that_is_killed_anyway_never_says_nothing_was_pushed(tm
     from hf_mudsc.serve.scheduler import Running
 
     store, scheduler, job_id = pushing_job(tmp_path)
-    run = Running(Process(), Pipe(incoming=[("pushing",)]), cancelled=True, requested=requested)
+    run = Running(Process(), Pipe(incoming=[("pushing",)]))
     scheduler._copy_messages(job_id, run)
+    run.cancelled, run.requested = True, requested  # after the push began (before it, the push never begins)
     run.process.kill()
     scheduler._settle(job_id, run, None)
     job = store.get(job_id)

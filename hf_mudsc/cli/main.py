@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 from hf_mudsc._version import __version__
-from hf_mudsc.errors import PushInterrupted, SpecError, UsageError, brief, escaped
+from hf_mudsc.errors import PushInterrupted, SpecError, UsageError, brief, disk_error, escaped
 from hf_mudsc.load.references import EscapedControls, HiddenCredentials, clean_token, hide_tokens
 from hf_mudsc.options import closest_names
 
@@ -240,11 +240,6 @@ def redact(text: str, secrets: Sequence[str] = ()) -> str:
 OUT_OF_MEMORY = re.compile(r"can't allocate memory|out of memory", re.IGNORECASE)
 
 
-# Disk failures the user fixes outside the tool, said in one line: a plain OSError, or safetensors' SafetensorError
-# ("... No space left on device (os error 28)", no OSError) while the weights are written.
-DISK_FAILURES = {errno.ENOSPC: "no space left on device", getattr(errno, "EDQUOT", -1): "disk quota exceeded",
-                 errno.EROFS: "read-only file system", errno.EIO: "input/output error"}
-OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")
 # The commands whose every write is staged and renamed into place (`publish.folder`): a failure leaves nothing
 # half-written; and the flag that writes elsewhere.
 STAGED_WRITES = {"merge": "--output", "inspect": "--output", "evaluate": None}
@@ -252,15 +247,10 @@ STAGED_WRITES = {"merge": "--output", "inspect": "--output", "evaluate": None}
 
 def disk_failure(error: BaseException, command: str | None) -> str | None:
     """The one line for a full disk (or quota, read-only or failing disk) `error`, else None (not a disk failure)."""
-    if isinstance(error, OSError):
-        number, where = error.errno, error.filename
-    elif type(error).__name__ == "SafetensorError" and (code := OS_ERROR_CODE.search(str(error))):
-        number, where = int(code.group(1)), "the weights"
-    else:
+    found = disk_error(error)
+    if found is None:
         return None
-    what = DISK_FAILURES.get(number)
-    if what is None:
-        return None
+    number, what, where = found
     flag = STAGED_WRITES.get(command or "")
     if number == errno.EIO:  # reading too: no "while writing"
         line, fix = f"{what}{f' on {where}' if where else ''}", "check that disk (or network file system) and run again"
@@ -269,7 +259,8 @@ def disk_failure(error: BaseException, command: str | None) -> str | None:
         if number == errno.EROFS:
             fix = f"choose a writable {flag}" if flag else "use a folder on a writable disk"
         else:
-            fix = f"free space{' on its disk' if where else ''}{f', or choose another {flag}' if flag else ''}"
+            quota = " (or raise the quota)" if number == getattr(errno, "EDQUOT", -1) else ""
+            fix = f"free space{' on its disk' if where else ''}{quota}{f', or choose another {flag}' if flag else ''}"
     claim = "; nothing was left half-written" if command in STAGED_WRITES else ""
     return f"hf-mudsc {command}: error: {line}{claim}; {fix}"
 

@@ -34,6 +34,7 @@ from hf_mudsc.errors import (
     ParentMismatchError,
     UnsupportedArchitectureError,
     brief,
+    disk_error,
     first_line,
     parent_label,
     shown,
@@ -836,6 +837,8 @@ def hub_request(reference: str, call, *, what: str = "contacting the Hub",
     except errors.HfHubHTTPError as error:
         raise LoadError(f"the Hub refused {reference!r} while {what}: {hub_error_line(error)}") from error
     except (OSError, ConnectionError) as error:
+        if disk_error(error) is not None:  # the local disk (the cache) failed, not the network: said as a disk failure
+            raise
         raise LoadError(f"{reference!r}: cannot reach the Hub while {what} ({first_line(error)}); check the "
                         "connection and retry the command") from error
 

@@ -18,7 +18,7 @@ import ipaddress
 import logging
 import re
 
-from hf_mudsc.load.references import TOKEN_SHAPE
+from hf_mudsc.load.references import TOKEN_SHAPE, looks_like_token
 
 #: A request line plus headers larger than this is refused: by h11 while the head is still arriving (uvicorn's
 #: `h11_max_incomplete_event_size`, set by `cli/serve.py`), by the app (431, `app.HeaderCap`) when it arrived whole.
@@ -26,6 +26,9 @@ HEADER_MAX_BYTES = 16 << 10
 # The server's loggers that write what a client sent (request lines, bad requests): `TokenRedaction` guards them.
 CLIENT_TEXT_LOGGERS = ("uvicorn.access", "uvicorn.error")
 REDACTED = "hf_***"
+# A secret (a job's Hub token, the service's API key) at least this long is found wherever it occurs (`mask_token`,
+# `jobs.refuse_secrets`): Hub tokens are 37 characters; a shorter value would also match the words that contain it.
+TOKEN_MIN_LENGTH = 16
 
 
 # What an API key may hold: printable ASCII. A header value never begins or ends with whitespace (h11 strips it), a
@@ -87,3 +90,17 @@ def host_name(header: str) -> str:
     if header.startswith("["):
         return header[1:].partition("]")[0]
     return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
+def is_long_secret(secret: str) -> bool:
+    """A secret shaped like an access token or at least `TOKEN_MIN_LENGTH` characters: no word of a message or a
+    name holds one by chance, so it is found wherever it occurs."""
+    return looks_like_token(secret) or len(secret) >= TOKEN_MIN_LENGTH
+
+
+def mask_token(text: str, token: str) -> str:
+    """`text` with `token` replaced by `***`: every occurrence when it is long (`is_long_secret`), else only where no
+    letter, digit or `_` adjoins it (the letters `e` in "folder" are not the token `e`)."""
+    if is_long_secret(token):
+        return text.replace(token, "***")
+    return re.sub(rf"(?<![A-Za-z0-9_]){re.escape(token)}(?![A-Za-z0-9_])", "***", text)

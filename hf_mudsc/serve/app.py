@@ -6,7 +6,8 @@
                                    local path outside every --local-root); 409 when the output/repo is claimed by an
                                    active job; 429 (with Retry-After) while --max-queued jobs wait for a worker; 413
                                    over 1 MiB (a YAML body over 64 KiB: slow to parse), 408 when the body takes over
-                                   BODY_TIMEOUT_S to arrive
+                                   BODY_TIMEOUT_S to arrive; 503 (with Retry-After) when the job store cannot take
+                                   it (its disk full)
     GET    /api/jobs               {"jobs": [job, ...], "next"} newest first, a page of `?limit=N` (default 100, at
                                    most 1000); `next`: the id to pass as `?before=` for the following page, or null.
                                    Each job as below, with a `summary` of its recipe in place of the recipe
@@ -14,7 +15,8 @@
     GET    /api/jobs/{id}          {"id", "status", "progress", "phase", "error", "result", "created", "updated",
                                    "dry_run", "warnings", "recipe"}; a merge's `result` says what ran (`method`,
                                    `alpha`, ... as its card records them, `auto`'s choice included) and `warnings`
-    DELETE /api/jobs/{id}          cancel (a running job stops at its next cancel point) -> 202
+    DELETE /api/jobs/{id}          cancel (a running job stops at its next cancel point) -> 202; 409 once it finished or
+                                   its push began (one commit, never stopped halfway)
     GET    /api/jobs/{id}/log      {"id", "lines", "next"}; `?since=N` returns lines N.. (poll with `next` to follow;
                                    a long log keeps its first and last lines, one line saying how many were dropped:
                                    store.LOG_CAP)
@@ -26,7 +28,10 @@
 in another form answers 400. With an
 API key configured, POST and DELETE need `X-API-Key: <key>`. POST takes only a JSON or YAML content type (415
 otherwise): a form or text/plain body is what a page on another site can send without a CORS preflight.
-Every error is one line of JSON, `{"error": ...}` (bad query values 400, unknown routes 404, wrong methods 405).
+Every error is one line of JSON, `{"error": ...}` (bad query values 400, unknown routes 404, wrong methods 405
+with `Allow` naming every method of the path); HEAD answers as GET, without the body (`HeadAsGet`); /openapi.json
+says the same (`ServiceApp.openapi`). A job whose field holds the API key or the request's own token is refused (400,
+neither shown: `jobs.refuse_secrets`), since reading the jobs needs no key.
 Without an API key (so bound to loopback) only requests whose Host header names this machine are answered: a
 page elsewhere whose name is re-pointed at 127.0.0.1 (DNS rebinding) gets 400. GET /jobs/{id}/files serves the
 card, the recipe and plots, never the weights (reading needs no key), sandboxed (`FILE_HEADERS`: an SVG opened from
@@ -43,7 +48,7 @@ import hmac
 import html
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path, PurePath
@@ -58,23 +63,25 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import RecipeError, shown
 from hf_mudsc.load.references import clean_token
 from hf_mudsc.publish.folder import weights_fingerprint
-from hf_mudsc.publish.recipe import RecipeLoader, repeated_key, yaml_error_line
-from hf_mudsc.serve import HEADER_MAX_BYTES, clean_api_key, host_name, is_loopback
+from hf_mudsc.publish.recipe import INFO_KEYS, RecipeLoader, repeated_key, yaml_error_line
+from hf_mudsc.serve import HEADER_MAX_BYTES, clean_api_key, host_name, is_loopback, mask_token
 from hf_mudsc.serve.jobs import (
     JobRequest,
     accepted_keys,
     hide_output_root,
     integer_too_long,
     parse_job,
+    refuse_secrets,
     resolve_local_paths,
     service_advice,
 )
-from hf_mudsc.serve.scheduler import Scheduler
+from hf_mudsc.serve.scheduler import PushUnderway, Scheduler
 from hf_mudsc.serve.store import (
     ACTIVE,
     MAX_JOBS,
@@ -82,6 +89,7 @@ from hf_mudsc.serve.store import (
     PHASES,
     JobStore,
     QueueFullError,
+    StoreWriteError,
     TargetClaimedError,
     new_job_id,
 )
@@ -178,13 +186,94 @@ class HeaderCap:
         return await self.app(scope, receive, send)
 
 
+class HeadAsGet:
+    """ASGI layer: a HEAD request is answered as its GET (status, headers, Content-Length) without the body. HTTP
+    requires HEAD wherever GET is answered (RFC 9110 §9.3.2: monitors and `curl -I` send it); FastAPI's GET routes
+    answered it 405. A GET run for a HEAD does what that GET does (reads the store, and marks a record it cannot
+    read unreadable, as the GET would); a route that answers HEAD itself (`answers_head`: the files route, whose
+    `FileResponse` sends only the headers) gets the HEAD as it is, so a file is not read to be thrown away."""
+
+    def __init__(self, app: Any, answers_head: Callable[[Any], bool] = lambda scope: False) -> None:
+        self.app = app
+        self.answers_head = answers_head
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def headers_only(message: Any) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}  # an error's JSON too
+            await send(message)
+
+        as_get = scope if self.answers_head(scope) else {**scope, "method": "GET"}
+        await self.app(as_get, receive, headers_only)
+
+
 class ServiceApp(FastAPI):
-    """The service's FastAPI app, with `NoSniffing` and `HeaderCap` around its whole middleware stack: outside the
-    layer that answers an exception escaping a route (Starlette's `ServerErrorMiddleware`, outside any middleware an
-    app adds), so that answer says `nosniff` too."""
+    """The service's FastAPI app, with `NoSniffing`, `HeaderCap` and `HeadAsGet` around its whole middleware stack:
+    outside the layer that answers an exception escaping a route (Starlette's `ServerErrorMiddleware`, outside any
+    middleware an app adds), so that answer says `nosniff` too. Its OpenAPI schema says what the handlers take and
+    answer (`openapi`)."""
 
     def build_middleware_stack(self) -> Any:
-        return NoSniffing(HeaderCap(super().build_middleware_stack()))
+        return NoSniffing(HeaderCap(HeadAsGet(super().build_middleware_stack(), self.answers_head)))
+
+    def answers_head(self, scope: Any) -> bool:
+        """Whether a route of its own answers the HEAD request `scope` (one declared with HEAD among its methods)."""
+        return any("HEAD" in (getattr(route, "methods", None) or ()) and route.matches(scope)[0] == Match.FULL
+                   for route in self.router.routes)
+
+    def allowed_methods(self, scope: Any) -> list[str]:
+        """Every method some route answers at the request's path (HEAD wherever GET is: `HeadAsGet`), for a 405's
+        `Allow`: Starlette names only the methods of the first route matching the path (`Allow: POST` for
+        /api/jobs, which GET answers too)."""
+        methods: set[str] = set()
+        for route in self.router.routes:
+            match, _ = route.matches({**scope, "type": "http"})
+            if match != Match.NONE:
+                methods |= set(getattr(route, "methods", None) or ())
+        if "GET" in methods:
+            methods.add("HEAD")
+        return sorted(methods)
+
+    def openapi(self) -> dict[str, Any]:
+        """FastAPI's schema, corrected where it cannot see the handlers: no route answers 422 (a bad query value
+        answers 400, `bad_parameter`), and every error is `{"error": "..."}` (`ERROR_SCHEMA`)."""
+        if self.openapi_schema is not None:
+            return self.openapi_schema
+        schema = super().openapi()
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.get("responses", {})
+                if responses.pop("422", None) is not None:
+                    responses.setdefault("400", error_response("a query or path value is not valid"))
+        schemas = schema.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        if not schemas:
+            schema.get("components", {}).pop("schemas", None)
+        if not schema.get("components"):
+            schema.pop("components", None)
+        self.openapi_schema = schema
+        return schema
+
+
+ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
+
+
+def error_response(description: str) -> dict[str, Any]:
+    """An OpenAPI response of the service's one-line JSON error."""
+    return {"description": description, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+
+
+def job_body_schema() -> dict[str, Any]:
+    """POST /api/jobs's request body as OpenAPI says it: a mapping of recipe keys, as JSON or YAML (the handler reads
+    the body itself, so FastAPI cannot see it)."""
+    recipe = {"type": "object", "description": "recipe keys (at least `models`), the destination and `dry_run`",
+              "properties": {key: {} for key in (*accepted_keys(), *INFO_KEYS)}, "required": ["models"],
+              "additionalProperties": False}
+    return {"required": True, "content": {media: {"schema": recipe} for media in (*JSON_TYPES, *YAML_TYPES)}}
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -291,6 +380,10 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         """A queued job is checked again when it starts (it may have been accepted before a restart with other
         roots): its output inside the current output root, its local paths inside the current local roots. Its
         worker is handed the paths that check resolved, not the client's strings."""
+        if unknown := JobRequest.unknown_stored_keys(request):
+            raise RecipeError(f"it holds key(s) {unknown} this hf-mudsc ({__version__}) does not know (a key from a "
+                              "newer or an older version, queued before the service was changed) and would run "
+                              "without them: resubmit the job without them, or run the version that queued it")
         job = JobRequest.from_stored(request)
         if job.output and not inside_output_root(job.output, outputs):
             raise RecipeError("its `output` was accepted under another output root (the service has restarted "
@@ -339,6 +432,8 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         answer = error(problem.status_code, f"{request.method} {request.url.path}: {problem.detail}; the API is "
                        "/api/jobs (GET, POST), /api/jobs/{id} (GET, DELETE), /api/jobs/{id}/log (GET)")
         answer.headers.update(problem.headers or {})
+        if problem.status_code == 405:
+            answer.headers["Allow"] = ", ".join(app.allowed_methods(request.scope))
         return answer
 
     # The key is compared as SHA-256 digests: `hmac.compare_digest` returns at once on inputs of different lengths,
@@ -354,7 +449,14 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         return None
 
     # ------------------------------------------------------------------ API
-    @app.post("/api/jobs")
+    @app.post("/api/jobs", status_code=201, openapi_extra={"requestBody": job_body_schema()}, responses={
+        201: {"description": "queued: `{\"id\", \"status\", \"warnings\"}`"},
+        400: error_response("the body is not a valid job (the message names the key)"),
+        401: error_response("the API key is missing or wrong"), 408: error_response("the body arrived too slowly"),
+        409: error_response("an active job claims the output or the Hub repo"),
+        413: error_response("the body is too large"), 415: error_response("not a JSON or YAML content type"),
+        429: error_response("the queue is full (`Retry-After`)"),
+        503: error_response("the job store cannot take the job (`Retry-After`)")})
     async def submit(request: Request, dry_run: bool = False) -> JSONResponse:
         if (denied := refused(request)) is not None:
             return denied
@@ -399,12 +501,24 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
             token = _bearer(request)
         except ValueError as problem:
             return error(400, str(problem))
+        if token is not None and api_key is not None and hmac.compare_digest(token.encode(), api_key.encode()):
+            # the job would send the service's key to the Hub as its token
+            return error(400, "the `Authorization: Bearer` token is this service's API key (not shown), which "
+                              "belongs in `X-API-Key` only: send your Hugging Face token as `Authorization: Bearer "
+                              "hf_...`, or leave that header out to use the service's own Hub login")
         # Store and scheduler calls take locks: run them off the event loop, so GETs are never held up.
         return await run_in_threadpool(enqueue, bytes(raw), content_type, dry_run, token)
 
     def enqueue(raw: bytes, content_type: str, dry_run: bool, token: str | None) -> JSONResponse:
         try:
-            body = _parse_body(raw, content_type)
+            try:
+                body = _parse_body(raw, content_type)
+            except RecipeError as problem:  # its message quotes the body (a repeated key, a YAML tag): no secret
+                said = str(problem)
+                for secret in (api_key, token):
+                    said = mask_token(said, secret) if secret else said
+                raise RecipeError(said) from None
+            refuse_secrets(body, api_key=api_key, token=token)
             text = raw.decode("utf-8") if _media_type(content_type) in YAML_TYPES else None  # its comments too
             job = parse_job(body, outputs, dry_run=dry_run, local_roots=roots, text=text,
                             being_written=store.active_outputs())
@@ -426,6 +540,12 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
             return answer
         except TargetClaimedError as problem:  # it names the claimed folders as the store holds them: absolute
             return error(409, hide_output_root(str(problem), outputs))
+        except StoreWriteError as problem:  # the operator's to fix; the client may retry later
+            logger.error("POST /api/jobs: the job store refused the new job: %s", problem)
+            answer = error(503, f"the service cannot record the job ({problem}), so it was not queued: retry later, "
+                                "or tell the service's operator (the disk of its --state-dir may be full)")
+            answer.headers["Retry-After"] = str(RETRY_AFTER_S)
+            return answer
         return JSONResponse({"id": job_id, "status": "queued",
                              "warnings": [hide_output_root(w, outputs) for w in job.warnings]}, status_code=201)
 
@@ -451,7 +571,7 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
                         "choose another destination")
         return None
 
-    @app.get("/api/jobs")
+    @app.get("/api/jobs", responses={404: error_response("no job to page from (`before`)")})
     def list_jobs(limit: int | None = None, before: str | None = None) -> JSONResponse:
         # A page of at most `limit` jobs (none, 0 or negative: the default), newest first; `next` is the cursor of
         # the following page (pass it as `before`), null on the last.
@@ -464,19 +584,29 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         return JSONResponse({"jobs": [public(j, outputs, full=False) for j in page],
                              "next": page[-1]["id"] if len(jobs) > size else None})
 
-    @app.get("/api/jobs/{job_id}")
+    @app.get("/api/jobs/{job_id}", responses={404: error_response("no such job")})
     def get_job(job_id: str) -> JSONResponse:
         job = store.get(job_id)
         return JSONResponse(public(job, outputs)) if job else error(404, f"no job {job_id!r}; GET /api/jobs lists them")
 
-    @app.delete("/api/jobs/{job_id}")
+    @app.delete("/api/jobs/{job_id}", status_code=202, responses={
+        202: {"description": "cancelled, or to stop at its next cancel point"},
+        401: error_response("the API key is missing or wrong"), 404: error_response("no such job"),
+        409: error_response("the job has already finished, or its push has begun")})
     def cancel_job(job_id: str, request: Request) -> JSONResponse:
         if (denied := refused(request)) is not None:
             return denied
         job = store.get(job_id)
         if job is None:
             return error(404, f"no job {job_id!r}; GET /api/jobs lists them")
-        if job["status"] not in ACTIVE or not scheduler.cancel(job_id):
+        try:
+            cancelled = job["status"] in ACTIVE and scheduler.cancel(job_id)
+        except PushUnderway:
+            repo = job["request"].get("push_to_hub") or "its Hub repo"
+            return error(409, f"job {job_id} has begun pushing its model to {repo!r}, one commit that is never stopped "
+                              "halfway: it cannot be cancelled now; once it has finished, delete the repo (or revert "
+                              "the commit) if the model is not wanted")
+        if not cancelled:
             # read again (it finished meanwhile); a finished record a POST pruned since (--max-jobs) is as it was read
             return error(409, f"job {job_id} has already finished ({status_now(job)}); nothing to cancel")
         return JSONResponse({"id": job_id, "status": status_now(job)}, status_code=202)
@@ -488,7 +618,7 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
             return current["status"]
         return job["status"] if job["status"] not in ACTIVE else "finished"
 
-    @app.get("/api/jobs/{job_id}/log")
+    @app.get("/api/jobs/{job_id}/log", responses={404: error_response("no such job")})
     def job_log(job_id: str, since: int = 0) -> JSONResponse:
         if store.get(job_id) is None:
             return error(404, f"no job {job_id!r}; GET /api/jobs lists them")
@@ -521,7 +651,10 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         return render("job.html.jinja", job=_page_job(job, outputs), recipe=recipe,
                       log=without_output_root(store.log(job_id), outputs))
 
-    @app.get("/jobs/{job_id}/files/{name:path}")
+    @app.get("/jobs/{job_id}/files/{name:path}", response_class=FileResponse, responses={
+        200: {"description": "the file: the card, the recipe or a plot",
+              "content": {media: {} for media in ("text/markdown", "application/yaml", "image/png", "image/svg+xml")}},
+        404: error_response("no such job, or no such file of its output")})
     def job_file(job_id: str, name: str):
         job = store.get(job_id)
         folder = _output_folder(job, outputs) if job else None
@@ -531,6 +664,9 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         if folder is None or name not in _files(folder):
             return error(404, f"job {job_id} has no output file {name!r}")
         return FileResponse(folder / name, headers=FILE_HEADERS)
+
+    # HEAD of a file as its own route (`HeadAsGet` passes it through): `FileResponse` sends the headers only.
+    app.add_api_route("/jobs/{job_id}/files/{name:path}", job_file, methods=["HEAD"], include_in_schema=False)
 
     return app
 

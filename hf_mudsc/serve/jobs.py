@@ -70,6 +70,7 @@ from hf_mudsc.publish.recipe import (
     unresolved_published_entries,
 )
 from hf_mudsc.runner import check_merge_output
+from hf_mudsc.serve import is_long_secret
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +141,13 @@ class JobRequest:
         if self.warnings:
             data["warnings"] = list(self.warnings)
         return data
+
+    @classmethod
+    def unknown_stored_keys(cls, data: Mapping[str, Any]) -> list[str]:
+        """The keys of a stored job this version would drop (`from_stored` reads only what it knows): a job queued by
+        a newer or an older hf-mudsc, before the service was changed, would run without them."""
+        known = {*Recipe.keys(), *INFO_KEYS, "dry_run", "base_from_cards", "warnings"}
+        return sorted(str(key) for key in data if key not in known)
 
     @classmethod
     def from_stored(cls, data: Mapping[str, Any]) -> JobRequest:
@@ -583,6 +591,52 @@ def refuse_tokens(body: Mapping[str, Any]) -> None:
             where = "a key" if holds_token(key) else f"`{key}`"
             raise RecipeError(f"{where} of the job looks like a Hugging Face access token (not shown); send a token "
                               "only as the `Authorization: Bearer <token>` header, never in a job's fields")
+
+
+def refuse_secrets(body: Any, *, api_key: str | None, token: str | None) -> None:
+    """No field of a job holds the service's API key or the job's own Hub token (as its `Authorization` header sent
+    it, whatever its shape): a job is stored, listed and shown to anyone who may read the service (reading needs no
+    key), its recipe lands in the pushed card, and `refuse_tokens` knows only the Hub's `hf_` shape. A secret of
+    `TOKEN_MIN_LENGTH` characters or more (or shaped like a token) is found anywhere, key names and numbers
+    included; a shorter one only as a whole value (`--api-key main` is not the parent `org/main`, nor the key
+    `models`). Refused naming the field and which secret it holds, never showing it, before any other check may
+    repeat the value."""
+    if not isinstance(body, Mapping):
+        return  # `check_job` refuses it (its message shows no value)
+    for what, secret, advice in (("the service's API key", api_key, "send the API key only as the `X-API-Key` header"),
+                                 ("the request's Hub token", token, SERVICE_TOKEN_FIX)):
+        if not secret:
+            continue
+        for key, value in body.items():
+            if secret_in_field(key, value, secret):
+                where = "a key" if is_long_secret(secret) and secret in str(key) else f"`{key}`"
+                raise RecipeError(f"{where} of the job holds {what} (not shown): a job's fields are stored and shown "
+                                  f"to anyone who reads the service; {advice}")
+
+
+def secret_in_field(key: Any, value: Any, secret: str) -> bool:
+    """Whether the field `key: value` of a job holds `secret` as `refuse_secrets` looks for it."""
+    if is_long_secret(secret):
+        return any(secret in text for text in (str(key), *texts_in(value, keys=True)))
+    return any(text == secret for text in texts_in(value, keys=False))
+
+
+def texts_in(value: Any, *, keys: bool) -> Iterator[str]:
+    """Every string and number (as its text: a numeric secret sent unquoted) in `value`, however deep; the keys of
+    its mappings too when `keys`."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, (int, float)) and not isinstance(item, bool):
+            yield str(item)
+        elif isinstance(item, Mapping):
+            if keys:
+                pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
 
 
 def refuse_control_characters(body: Mapping[str, Any]) -> None:

@@ -52,6 +52,10 @@ def worker_context() -> Any:
     return context
 
 
+class PushUnderway(Exception):
+    """A cancel of a job whose push has begun: the push is one commit and completes (HTTP 409)."""
+
+
 @dataclass
 class Running:
     process: Any
@@ -173,12 +177,16 @@ class Scheduler:
         self._wake.set()
 
     def cancel(self, job_id: str) -> bool:
-        """Cancel a queued job at once, a running one at its next cancel point. False if it had finished."""
+        """Cancel a queued job at once, a running one at its next cancel point. False if it had finished;
+        `PushUnderway` if its push has begun (it completes: a cancel accepted then would be ignored, and the client
+        told 202 would take the pushed model for never pushed)."""
         with self._lock:
             run = self.running.get(job_id)
             if run is None:
                 self.tokens.pop(job_id, None)
                 return self.store.finish_if_active(job_id, "cancelled", "cancelled before it started")
+            if run.pushing:
+                raise PushUnderway(job_id)
             run.requested = True
         self._send_cancel(job_id, run)
         return True
@@ -391,9 +399,14 @@ class Scheduler:
                 logger.log(int(message[1]), "job %s failed:\n%s", job_id, message[2], extra={"keep_lines": True})
             elif kind == "phase":
                 self.store.update(job_id, phase=message[1], progress=float(message[2]))
-            elif kind == "pushing":
-                with self._lock:
-                    run.pushing = True
+            elif kind == "pushing":  # the worker waits for the answer (`worker.Reporter.begin_push`)
+                with self._lock:  # the lock `cancel` holds: a cancel comes wholly before this or is refused after
+                    run.pushing = not (run.requested or run.cancelled or self._stopping)
+                    granted = run.pushing
+                try:
+                    run.conn.send("push" if granted else "no-push")
+                except (BrokenPipeError, OSError):
+                    pass  # the worker is gone: its pipe closes next
             elif kind == "done":
                 final = message
                 self._settle(job_id, run, final)

@@ -11,6 +11,7 @@ only; docs/design.md §11).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -108,6 +109,10 @@ class TargetClaimedError(Exception):
 
 class StoreError(ValueError):
     """The store file cannot be read (corrupted or truncated): the service does not start (one line naming it)."""
+
+
+class StoreWriteError(Exception):
+    """The store cannot take a new job (its disk is full, the file is locked or read-only): HTTP 503, not queued."""
 
 
 class QueueFullError(Exception):
@@ -238,14 +243,17 @@ class JobStore:
                 if "inputs" not in columns:  # a store written before jobs' inputs were claimed
                     self._db.execute("ALTER TABLE jobs ADD COLUMN inputs TEXT")
                 problems = [r[0] for r in self._db.execute("PRAGMA quick_check")]
+                if problems == ["ok"]:
+                    problems = _missing_columns(self._db)
             except sqlite3.DatabaseError as error:
                 problems = [str(error)]
             if problems != ["ok"]:
                 self._db.close()
                 raise StoreError(
                     f"the job store {str(self.path)!r} cannot be read ({'; '.join(problems[:3])}): it is corrupted "
-                    "or truncated, and the service did not start; move it aside (with any -wal and -shm file next "
-                    "to it) to start with an empty store, or pass another --state-dir")
+                    "or truncated (or of another hf-mudsc version), and the service did not start; move it aside "
+                    "(with any -wal and -shm file next to it) to start with an empty store, or pass another "
+                    "--state-dir")
 
     def close(self) -> None:
         with self._lock:
@@ -310,8 +318,11 @@ class JobStore:
                      json.dumps([path for _, path in inputs]) if inputs else None, stamp, stamp))
                 pruned = self._prune(max_jobs) if max_jobs is not None else 0
                 self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
+            except BaseException as problem:
+                with contextlib.suppress(sqlite3.Error):  # a transaction SQLite already ended (a full disk)
+                    self._db.execute("ROLLBACK")
+                if isinstance(problem, sqlite3.OperationalError):
+                    raise StoreWriteError(str(problem)) from problem
                 raise
         if pruned:
             logger.info("removed the records of %d finished job(s) beyond --max-jobs %d", pruned, max_jobs)
@@ -499,6 +510,22 @@ def _overlap(one: str, other: str) -> bool:
     return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
 
+def _missing_columns(db: sqlite3.Connection) -> list[str]:
+    """["ok"] when the store's tables hold every column `_SCHEMA` gives them, else what lacks which: a store of
+    another format (or edited by hand) would fail every request that reads a job."""
+    lacking = []
+    for table, wanted in (("jobs", JOB_COLUMNS), ("logs", LOG_COLUMNS)):
+        held = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if missing := [name for name in wanted if name not in held]:
+            lacking.append(f"its table {table!r} has no column {', '.join(map(repr, missing))}")
+    return lacking or ["ok"]
+
+
+JOB_COLUMNS = ("seq", "id", "status", "progress", "phase", "error", "request", "dry_run", "has_token", "output",
+               "repo_id", "inputs", "result", "created", "updated")
+LOG_COLUMNS = ("job_id", "n", "line")
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     """The store's connection; a path SQLite cannot open (a folder, a dangling symlink, no access) is one line."""
     problem = None
@@ -546,7 +573,7 @@ def _unreadable_job(row: sqlite3.Row, problem: str) -> dict[str, Any]:
 
 def _job(row: sqlite3.Row) -> dict[str, Any]:
     """A stored row as the API shows it (plus `request` and `dry_run`, which the page uses)."""
-    result = json.loads(row["result"]) if row["result"] else None
+    result = _shaped(json.loads(row["result"]), RESULT_SHAPE, "the result") if row["result"] else None
     return {
         "id": row["id"],
         "status": row["status"],
@@ -564,7 +591,31 @@ def _job(row: sqlite3.Row) -> dict[str, Any]:
 
 def _mapping(text: str) -> dict[str, Any]:
     """A stored request: a JSON object (anything else is a damaged row: ValueError)."""
-    value = json.loads(text)
+    return _shaped(json.loads(text), REQUEST_SHAPE, "the request")
+
+
+# The fields of a stored request and result that the API, the page and the scheduler read, and the types they read
+# them as: a record edited by hand (or written by another version) holding another type is unreadable (`_readable`),
+# not a 500 of the listing that shows every job.
+STRINGS = "a list of strings"  # a shape of its own: a list whose every item is a str
+REQUEST_SHAPE: dict[str, Any] = {"models": STRINGS, "warnings": STRINGS, "output": str, "push_to_hub": str}
+RESULT_SHAPE: dict[str, Any] = {"output": str, "url": str, "repo_id": str, "commit": str, "plan_text": str,
+                                "output_fingerprint": str, "method": str, "warnings": STRINGS, "files": STRINGS,
+                                "plan": dict}
+
+
+def _shaped(value: Any, shape: dict[str, Any], what: str) -> dict[str, Any]:
+    """`value` (a stored request or result) when it is an object whose `shape` fields, where set (not null), have
+    their types (`STRINGS`: a list of strings); ValueError naming the first that does not."""
     if not isinstance(value, dict):
-        raise ValueError(f"the request is {type(value).__name__}, not an object")
+        raise ValueError(f"{what} is {type(value).__name__}, not an object")
+    for key, kind in shape.items():
+        item = value.get(key)
+        if item is None:
+            continue
+        fits = (isinstance(item, list) and all(isinstance(entry, str) for entry in item)) if kind == STRINGS \
+            else isinstance(item, kind)
+        if not fits:
+            expected = STRINGS if kind == STRINGS else kind.__name__
+            raise ValueError(f"{what}'s {key!r} is {type(item).__name__}, not {expected}")
     return value

@@ -7,7 +7,10 @@ This module imports nothing heavy at import time; the merge engine is imported b
     web -> worker   {"token": str | None}   first, once (the token never touches the disk)
                     "cancel"                 stop at the next safe point
     worker -> web   ("phase", name, progress)   ("log", line)   ("done", status, error, result)
-                    ("pushing",)   the push has begun: it is never stopped (no cancel point, no kill for a cancel)
+                    ("pushing",)   the push is about to begin; the worker waits for the answer:
+    web -> worker   "push"          go on: the scheduler marked the job pushing (a cancel now answers 409), and the
+                                    push is never stopped (no cancel point, no kill for a cancel)
+                    "no-push"       a cancel came first (or the service stops): stop before any upload
                     ("traceback", level, text)   a failure's traceback, for the server's log only (never the job's)
 
 Progress comes from the pipeline's own logging records (a handler on the `hf_mudsc` logger maps each stage's
@@ -39,9 +42,9 @@ while it runs. Never set it in production.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
-import re
 import shutil
 import signal
 import tempfile
@@ -52,21 +55,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from hf_mudsc.errors import PushError
+from hf_mudsc.errors import PushError, disk_error
 from hf_mudsc.load.hub_calls import hub_error_line
-from hf_mudsc.load.references import EscapedControls, hide_tokens, looks_like_token
+from hf_mudsc.load.references import EscapedControls, hide_tokens
 from hf_mudsc.options import REFITTING
 from hf_mudsc.publish.folder import checked_rename, weights_fingerprint
 from hf_mudsc.publish.recipe import check_push_target
 from hf_mudsc.runner import push_not_checked
+from hf_mudsc.serve import mask_token
 from hf_mudsc.serve.jobs import JobRequest
 
 DELAY_ENV = "HF_MUDSC_SERVE_TEST_DELAY"
 KEPT = "the merged model is kept in"  # how the writer's failed push says where it kept the model (publish/writer.py)
 ORPHAN_GRACE_S = 20.0
-# A token at least this long is masked wherever it occurs in a job's log and error (`mask_token`): Hub tokens are
-# 37 characters; a shorter value would also mask the words that contain it.
-TOKEN_MIN_LENGTH = 16
 # The errors a job ends in on purpose, for a bad input or destination: the ones `hf-mudsc merge` prints as one line.
 EXPECTED = (ValueError, FileExistsError, FileNotFoundError, PermissionError, PushError)
 # (logger name prefix, message prefix) -> the phase that record shows has begun, and the progress it marks.
@@ -86,15 +87,6 @@ PROGRESS = {"load": 0.02, "calibrate": 0.2, "solve": 0.6, "apply": 0.75, "build"
 PASS_ENDS = {"apply": 0.8, "build": 0.9}
 
 
-def mask_token(text: str, token: str) -> str:
-    """`text` with `token` replaced by `***`: every occurrence when it is shaped like an access token or at least
-    `TOKEN_MIN_LENGTH` characters (no word of a message holds one by chance), else only where no letter, digit or
-    `_` adjoins it (the letters `e` in "folder" are not the token `e`)."""
-    if looks_like_token(token) or len(token) >= TOKEN_MIN_LENGTH:
-        return text.replace(token, "***")
-    return re.sub(rf"(?<![A-Za-z0-9_]){re.escape(token)}(?![A-Za-z0-9_])", "***", text)
-
-
 class JobCancelled(BaseException):
     """Raised at a cancel point; a BaseException so no `except Exception` in the library swallows it."""
 
@@ -109,6 +101,13 @@ class Reporter:
         self.pushes = pushes
         self.cancel = threading.Event()
         self.pushing = False  # the push has begun (repo created, one commit): it completes, a cancel waits it out
+        self.push_asked = False  # ("pushing",) was sent: the answer ("push" or "no-push") is awaited once
+        # Whether something reads the web process's answers (`watch_pipe`, started by `main`): without a reader no
+        # answer can arrive, and the push begins unasked, as before the question existed.
+        self.asks_before_push = False
+        self.push_answered = threading.Event()
+        self.push_granted = False
+        self.push_refused = False  # the scheduler answered "no-push": stopped before any upload
         self.phase: str | None = None
         self.batches = 0
         self.pass_batches = 0  # batches in the current phase after calibration (PASS_ENDS)
@@ -147,6 +146,7 @@ class Reporter:
                 self.conn.send(message)
             except (BrokenPipeError, OSError):
                 self.cancel.set()  # the web process is gone
+                self.push_answered.set()  # no answer will come: the push does not begin
 
     def log(self, line: str) -> None:
         self.send(("log", self.scrub(line)))
@@ -160,6 +160,29 @@ class Reporter:
         self.pass_batches = 0
         self.phase_start = PROGRESS[phase] if progress is None else progress
         self.send(("phase", phase, self.phase_start))
+
+    def begin_push(self) -> None:
+        """Checking or creating the repo after the merge: the push is about to begin. Asked of the scheduler, which
+        under its lock either marks the job pushing (a later cancel answers 409 and the push completes) or answers
+        that a cancel came first: then the cancel is set, and the next cancel point (right after this record)
+        stops the job before anything reaches the Hub. Without the question, a cancel sent as the push began was
+        answered 202 and the push landed anyway, the job "succeeded"."""
+        self.push_asked = True
+        self.send(("pushing",))
+        if not self.asks_before_push:
+            self.pushing = True
+            return
+        self.push_answered.wait()
+        if self.push_granted:
+            self.pushing = True
+        else:
+            self.push_refused = True
+            self.cancel.set()
+
+    def answer_push(self, granted: bool) -> None:
+        """The scheduler's answer to ("pushing",) (`receive`)."""
+        self.push_granted = granted
+        self.push_answered.set()
 
     def checkpoint(self) -> None:
         """A cancel point: raise `JobCancelled` if a cancel was asked and the push has not begun."""
@@ -187,9 +210,8 @@ class Reporter:
 
     def on_record(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
-        if self.phase == "publish" and record.name == "hf_mudsc.publish.hub" and not self.pushing:
-            self.pushing = True  # checking or creating the repo after the merge: the push has begun
-            self.send(("pushing",))  # so the scheduler never kills this worker for a cancel (scheduler._kill)
+        if self.phase == "publish" and record.name == "hf_mudsc.publish.hub" and not self.push_asked:
+            self.begin_push()
         for prefix, start, phase, progress in PHASE_MARKS:
             if record.name.startswith(prefix) and message.startswith(start):
                 if phase == "published":
@@ -224,16 +246,24 @@ def watch_pipe(conn: Any, reporter: Reporter) -> None:
             message = conn.recv()
         except (EOFError, OSError):
             reporter.cancel.set()
+            reporter.push_answered.set()  # the push does not begin
             if reporter.phase in (None, "load"):  # nothing written yet: an orphan stops now
                 os._exit(3)
             time.sleep(ORPHAN_GRACE_S)
             os._exit(3)
-        if message == "cancel":
-            reporter.cancel.set()
-            if reporter.phase in (None, "load"):  # nothing written yet (a dry run never writes): stop now
-                reporter.send(("done", "cancelled", "cancelled on request; nothing was written or pushed", None))
-                with reporter._lock:  # no other message after the final one
-                    os._exit(4)
+        receive(reporter, message)
+
+
+def receive(reporter: Reporter, message: Any) -> None:
+    """One message of the web process (`watch_pipe`): a cancel, or the answer to the push's question."""
+    if message in ("push", "no-push"):
+        reporter.answer_push(message == "push")
+    elif message == "cancel":
+        reporter.cancel.set()
+        if reporter.phase in (None, "load"):  # nothing written yet (a dry run never writes): stop now
+            reporter.send(("done", "cancelled", "cancelled on request; nothing was written or pushed", None))
+            with reporter._lock:  # no other message after the final one
+                os._exit(4)
 
 
 def main(conn: Any, job_id: str, request: dict[str, Any]) -> None:
@@ -245,6 +275,7 @@ def main(conn: Any, job_id: str, request: dict[str, Any]) -> None:
     needs_data = job.recipe.refit in REFITTING or (job.recipe.refit == "auto" and bool(job.recipe.calibration)) \
         or _needs_calibration(job)
     reporter = Reporter(conn, token, calibrates=needs_data, pushes=bool(job.recipe.push_to_hub))
+    reporter.asks_before_push = True  # `watch_pipe` reads the scheduler's answer
     threading.Thread(target=watch_pipe, args=(conn, reporter), daemon=True, name="pipe-watch").start()
     logger = logging.getLogger("hf_mudsc")
     logger.setLevel(logging.INFO)
@@ -254,7 +285,11 @@ def main(conn: Any, job_id: str, request: dict[str, Any]) -> None:
         with checked_rename(reporter.before_rename):
             result = dry_run_plan(job, token) if job.dry_run else run_merge(job, token, reporter)
     except JobCancelled:
-        reporter.send(("done", "cancelled", "cancelled on request; nothing was written or pushed", None))
+        said = "cancelled on request; nothing was written or pushed"
+        if reporter.push_refused:  # the cancel came as the push was about to begin: the model may be written
+            said = ("cancelled on request before its push began; nothing was pushed"
+                    + (" (the merged model was written to its output)" if job.output else ""))
+        reporter.send(("done", "cancelled", said, None))
     except Exception as error:  # noqa: BLE001 - any failure of the job is reported, the worker exits
         report_failure(reporter, error)
     else:
@@ -263,11 +298,37 @@ def main(conn: Any, job_id: str, request: dict[str, Any]) -> None:
         conn.close()
 
 
+def causes(error: BaseException) -> Iterator[BaseException]:
+    """`error`, then what it was raised from (`__cause__`), and so on: a library wraps a disk failure in its own
+    error (a parent's download: `LoadError`) whose words are not the operator's fix."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__
+
+
+def disk_failure_line(number: int, what: str) -> str:
+    """A job's error for a disk failure (`errors.disk_error`): what the service's operator does about it, never the
+    server's paths (the output root, the Hub cache)."""
+    ask = "ask the service's operator to"
+    if number == errno.EIO:
+        return f"{what} on the service's disk: {ask} check that disk, then resubmit the job"
+    fix = {errno.EROFS: "put the service's output root (--output-root) and Hub cache (HF_HOME) on a writable disk",
+           getattr(errno, "EDQUOT", -1): "free space or raise the quota"}.get(number, "free space")
+    return (f"{what} on the service's disk while the job ran (its output, or the downloads it reads); nothing was "
+            f"left half-written: {ask} {fix}, then resubmit the job")
+
+
 def report_failure(reporter: Reporter, error: Exception) -> None:
     """The job failed: one line (`Type: message`) as its error and in its log; the traceback to the server's log
     (`("traceback", level, text)`), at debug level for an `EXPECTED` error, at error level for any other."""
-    line = reporter.scrub(f"{type(error).__name__}: {hub_error_line(error)}")
-    expected = isinstance(error, EXPECTED)
+    disk = next((found for cause in causes(error) if (found := disk_error(cause)) is not None), None)
+    if disk is not None:  # the operator's to fix, in the service's words (never the server's paths)
+        line = disk_failure_line(disk[0], disk[1])
+    else:
+        line = reporter.scrub(f"{type(error).__name__}: {hub_error_line(error)}")
+    expected = disk is not None or isinstance(error, EXPECTED)
     said = line if expected else f"{line} (an unexpected error: its traceback is in the service's log)"
     reporter.say(logging.ERROR, f"the job failed: {said}")
     trace = reporter.scrub("".join(traceback.format_exception(error)).rstrip())
