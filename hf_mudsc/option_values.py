@@ -32,6 +32,8 @@ def start_margin_note(starts: dict[str, float], kept: str | None) -> str:
 #: What `auto`'s correspondence check records (`config.mudsc["correspondence_check"]["solved"]`) when the solve's first
 #: start alone settled it (`hf_mudsc.methods.auto`); the key is absent when the solve ran.
 CHECK_FIRST_START = "first start"
+#: How the log line that says so begins (the service's progress marks the solve's end by it).
+CHECK_NEEDS_NO_SOLVE = "the correspondence check needs no solve:"
 
 
 def check_solved_by(checker: str, record: object = None, *, first_start: bool = False) -> str:

@@ -98,7 +98,7 @@ from hf_mudsc.methods.registry import (
     data_free_methods,
     get_method,
 )
-from hf_mudsc.option_values import AVERAGE_CHECK_METHOD
+from hf_mudsc.option_values import AVERAGE_CHECK_METHOD, CHECK_NEEDS_NO_SOLVE, check_solved_by
 from hf_mudsc.options import (
     AUTO,
     REFITTING,
@@ -806,6 +806,8 @@ def merge(
         # After a pair's solve moved most units, the solve over every parent decides (as the reason says).
         start_share = None if pair_overturned else _start_in_place(merge_method, context)
         first_start = start_share is not None and units_correspond(start_share)
+        if first_start:
+            _log_start_decided(merge_method, start_share)
         result = None if first_start else merge_method.merge_parameters(context)
         in_place = start_share if result is None else share_in_place(result.matches)
         final, choice_reason = confirm_choice(*unconfirmed, merge_method, in_place, relation.weight_distance,
@@ -1266,8 +1268,16 @@ def _pair_in_place(checker: MergeMethod, models: Sequence[PreTrainedModel],
         options=dataclasses.replace(options, weights=[1.0, 1.0]), device=str(device), progress=progress)
     start_share = _start_in_place(checker, context)
     if start_share is not None and units_correspond(start_share):
+        _log_start_decided(checker, start_share)
         return start_share, examples, True
     return share_in_place(checker.merge_parameters(context).matches), examples, False
+
+
+def _log_start_decided(checker: MergeMethod, share: float) -> None:
+    """Say that the check's first start settled it (the service's progress reads this line as the solve's end:
+    `serve.worker.PHASE_MARKS`)."""
+    logger.info("%s %s leaves %.1f%% of units in place, so the units correspond", CHECK_NEEDS_NO_SOLVE,
+                check_solved_by(checker.name, first_start=True), 100 * share)
 
 
 def _start_in_place(checker: MergeMethod, context: MethodContext) -> float | None:

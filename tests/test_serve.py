@@ -290,9 +290,10 @@ def _merge_phases(parents, batches, **options) -> list[tuple[str, float]]:
 
 
 def test_the_progress_moves_during_the_same_base_methods_pass_after_the_check():
-    """method auto on fine-tunes of one base: the check's statistics (calibrate), its solve (solve), then regmean's
-    own pass over the data, which runs in the apply phase: the bar stood still there for the whole pass. Each of its
-    batches now moves it, as calibration's do, and never past the next phase's start."""
+    """method auto on fine-tunes of one base: the check's statistics (calibrate), its solve (solve) — or, since
+    session 37, its first start alone, whose log line marks the same point — then regmean's own pass over the data,
+    which runs in the apply phase: the bar stood still there for the whole pass. Each of its batches now moves it, as
+    calibration's do, and never past the next phase's start."""
     from factories import make_batches
     from test_refit import same_base_fine_tunes
 

@@ -58,6 +58,7 @@ from typing import Any
 from hf_mudsc.errors import PushError, disk_error
 from hf_mudsc.load.hub_calls import hub_error_line
 from hf_mudsc.load.references import EscapedControls, hide_tokens
+from hf_mudsc.option_values import CHECK_NEEDS_NO_SOLVE
 from hf_mudsc.options import REFITTING
 from hf_mudsc.publish.folder import checked_rename, weights_fingerprint
 from hf_mudsc.publish.recipe import check_push_target
@@ -75,6 +76,7 @@ PHASE_MARKS = (
     ("hf_mudsc.load.relation", "", "after_load", None),
     ("hf_mudsc.pipeline", "calibrated on ", "solve", 0.6),  # a data pass read it all (statistics, regmean's own)
     ("hf_mudsc.solve.loop", "solve: ", "apply", 0.75),
+    ("hf_mudsc.pipeline", CHECK_NEEDS_NO_SOLVE, "apply", 0.75),  # auto's check settled without a solve
     ("hf_mudsc.apply.refit", "", "build", 0.8),
     ("hf_mudsc.pipeline", "merged ", "publish", 0.9),  # the model is built; the folder is written (and pushed)
     ("hf_mudsc.publish.hub", "pushed ", "published", 1.0),
