@@ -113,3 +113,19 @@ def test_a_problem_with_a_later_tasks_data_is_said_before_any_model_runs(case):
         evaluate_merge(model, [parent_a, parent_b, parent_c], data, batch_size=1, progress=False)
     assert "\n" not in str(caught.value) and "'b'" in str(caught.value), str(caught.value)
     assert [m.forwards for m in (model, parent_a, parent_b, parent_c)] == [0, 0, 0, 0]
+
+
+def test_the_per_task_rule_tells_confident_heads_apart_instead_of_giving_the_row_to_the_first_task():
+    """evaluate_merge(m, [A, B], joint_rule=per_task) with logit margins of 20 and 30: both tasks' softmax maxima
+    round to 1.0 in float32, so every such row went to task A (joint 0.5, not 1.0) for the merge and the ensemble."""
+    # row 0 (task b, label q): a = [20, 0] -> max p = 1 - 2.1e-9; b = [0, 30] -> max p = 1 - 9.4e-14: b wins -> q
+    # row 1 (task a, label x): a = [30, 0]; b = [20, 0] -> a wins -> x
+    merged = controlled(["a: x", "a: y", "b: p", "b: q"], [[20, 0, 0, 30], [30, 0, 20, 0]], {"a": [0, 2], "b": [2, 4]})
+    parent_a = controlled(["x", "y"], [[20, 0], [30, 0]])
+    parent_b = controlled(["p", "q"], [[0, 30], [20, 0]])
+    data = {"a": (rows([1]), torch.tensor([0])), "b": (rows([0]), torch.tensor([1]))}
+    for rule in ("per_task", "raw"):
+        result = evaluate_merge(merged, [parent_a, parent_b], data, joint_rule=rule, progress=False)
+        assert result.score("merged", "joint") == 1.0, rule
+        assert result.score("ensemble", "joint") == 1.0, rule
+        assert result.score("parent_a", "joint") == result.score("parent_b", "joint") == 0.5, rule
