@@ -560,8 +560,6 @@ def _predict(models: Sequence[Any], groups: Mapping[int, int], scorers: Sequence
                                                                 error=EvaluationError,
                                                                 max_tokens=_fewest_tokens(group)))
     try:
-        # Each module in eval mode and none of the caller's hooks run: the scores are the models' as their weights
-        # define them; every module's mode and hooks come back afterwards (`load.objects.held_as_given`).
         # Every task's data opened, and its labels read where the label column alone gives them, before the first
         # forward pass: a missing dataset, label column or rows, or a wrong label, of the last task was said only
         # after every model had scored the others.
@@ -571,6 +569,8 @@ def _predict(models: Sequence[Any], groups: Mapping[int, int], scorers: Sequence
                 local_labels(every_label, sources[task], task, layout.class_names[task])
         if world == 1:  # a process's shard may be empty while the others' are not: then checked once gathered
             refuse_empty_tasks([task for task, (_, total, _, _) in opened.items() if total == 0], sources)
+        # Each module in eval mode and none of the caller's hooks run: the scores are the models' as their weights
+        # define them; every module's mode and hooks come back afterwards (`load.objects.held_as_given`).
         with torch.no_grad(), held_as_given(models):
             for task, source in sources.items():
                 lo, _ = layout.ranges[task]
