@@ -223,11 +223,12 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
                  image_column: str | None, text_column: str | None, rank: int, world: int,
                  task_names: Sequence[str], class_names: Sequence[str] | None = None,
                  joint_classes: Sequence[tuple[str, str]] | None = None,
-                 ) -> tuple[Iterator[tuple[list[dict], list]], int | None, bool, bool | None]:
+                 ) -> tuple[Iterator[tuple[list[dict], list]], int | None, bool, bool | None, list | None]:
     """(model inputs per processor, raw labels) batches of this process's shard of one task, the row count if known,
     whether raw columns were preprocessed (else every processor's inputs are the same tensors), and whether
     `num_samples` left rows of the task out (None: a stream, whose length is unknown) — the results and the card say
-    `first N` only of data that had more, not of data scored whole.
+    `first N` only of data that had more, not of data scored whole — and every raw label the batches will yield, read
+    from the label column alone (None for a stream), so that a wrong label is refused before any model runs.
 
     `processors`: the distinct processors, one list of inputs each, in this order, of the same rows; each is
     configured (image channels, text length limit) by its `model_configs` entry — the config of a model it
@@ -256,7 +257,7 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
                 batch = {k: torch.as_tensor(v)[index] for k, v in inputs.items()}
                 yield [batch] * len(processors), [labels[i] for i in index]
 
-        return tensor_batches(), len(rows), False, left_out
+        return tensor_batches(), len(rows), False, left_out, [labels[i] for i in rows]
 
     dataset = _dataset_of(source, task)
     # A formatted dataset (columns hidden by set_format, arrow scalars) read as plain values: labels and raw columns
@@ -314,6 +315,13 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
         dataset = process_share(dataset, rank, world)
     count = len(dataset) if isinstance(dataset, datasets.Dataset) else None
 
+    def read_labels(labels: Any) -> list:
+        """A batch's label column as the task's raw labels: a ClassLabel read by name, joint ids relabelled."""
+        labels = labels.tolist() if hasattr(labels, "tolist") else list(labels)
+        if by_name:
+            labels = [class_label_name(feature, label, task) for label in labels]
+        return [relabeled(label, relabel) for label in labels] if relabel is not None else labels
+
     def dataset_batches() -> Iterator[tuple[dict, list]]:
         if isinstance(dataset, datasets.Dataset):
             chunks = (dataset[s:s + batch_size] for s in range(0, len(dataset), batch_size))
@@ -332,10 +340,9 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
                         "(tokenizer(..., padding='max_length')) or give raw text/image columns") from None
             else:
                 inputs = [preprocess(rows) for preprocess in preprocesses]
-            labels = rows[label_column]
-            labels = labels.tolist() if hasattr(labels, "tolist") else list(labels)
-            if by_name:
-                labels = [class_label_name(feature, label, task) for label in labels]
-            yield inputs, [relabeled(label, relabel) for label in labels] if relabel is not None else labels
+            yield inputs, read_labels(rows[label_column])
 
-    return dataset_batches(), count, preprocesses[0] is not None, left_out
+    # the label column alone, as plain values (a torch-formatted column's ids as the numbers the batches give)
+    every_label = (read_labels(dataset.select_columns([label_column]).with_format(None)[label_column])
+                   if isinstance(dataset, datasets.Dataset) else None)
+    return dataset_batches(), count, preprocesses[0] is not None, left_out, every_label

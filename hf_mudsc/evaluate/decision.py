@@ -49,10 +49,12 @@ def joint_probabilities(logits: torch.Tensor, config: Any) -> torch.Tensor:
     `config`: the merged model's config, its `config.json` read as a dict, or a mapping task -> [first id, end id)
     (its `task_label_ranges`).
     `joint_probabilities(out.logits, model.config).argmax(-1)` is the label id the evaluation's joint accuracy
-    scores; `id2label` names it (`"task: label"`). A model without task ranges gets a plain softmax. A config of a
-    multi-label head (a sigmoid per label) or a regression head (a score per output) is refused: neither has a
-    softmax or argmax rule, and a softmax of their outputs is no probability of theirs (a regression task's slice
-    would be 1.0 on every row). A bare ranges mapping says nothing of the head: it is softmaxed as given.
+    scores (`id2label` names it: `"task: label"`) but where two tasks' maxima both round to 1.0 (logit margins past
+    about 17 in float32): the argmax then takes the first task, the evaluation the more probable one
+    (`per_task_log_probabilities`, whose argmax is the rule's). A model without task ranges gets a plain softmax. A
+    config of a multi-label head (a sigmoid per label) or a regression head (a score per output) is refused: neither
+    has a softmax or argmax rule, and a softmax of their outputs is no probability of theirs (a regression task's
+    slice would be 1.0 on every row). A bare ranges mapping says nothing of the head: it is softmaxed as given.
 
     Returns:
         A tensor of `logits`' shape: each task's slice softmaxed on its own (each slice sums to 1).
@@ -74,6 +76,26 @@ def joint_probabilities(logits: torch.Tensor, config: Any) -> torch.Tensor:
                 "or its task_label_ranges (task -> [first id, end id)); got a mapping with "
                 f"{shown(task)}: {shown(bounds)}")
     return per_task_softmax(logits, [tuple(bounds) for bounds in config.values()])
+
+
+def per_task_log_probabilities(logits: torch.Tensor, ranges: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Each task's log-softmax over its `[lo, hi)` slice (the slices tile the labels), concatenated: the per-task
+    rule's decision. Its argmax is `per_task_softmax`'s in exact arithmetic, but a confident head's maximum is not
+    rounded away: past a logit margin of about 17 a float32 softmax's maximum is exactly 1.0, so two confident tasks
+    tied and the row went to the first task (`log_probabilities` keeps them apart to a margin of about 100)."""
+    bounds = sorted((int(lo), int(hi)) for lo, hi in ranges)
+    if not bounds:
+        return log_probabilities(logits)
+    per_task_softmax(logits.new_zeros(logits.shape[-1]), bounds)  # its tiling check, on one row of zeros
+    return torch.cat([log_probabilities(logits[..., lo:hi]) for lo, hi in bounds], dim=-1)
+
+
+def log_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """The log-softmax over the last axis, its maximum as `-log1p(sum of the others' exp(z - max))`: torch's
+    `log_softmax` takes `log(1 + tiny)`, which is 0 in float32 past a margin of about 17, as the softmax is 1.0."""
+    shifted = logits - logits.max(-1, keepdim=True).values
+    others = shifted.exp().scatter(-1, shifted.argmax(-1, keepdim=True), 0.0).sum(-1, keepdim=True)
+    return shifted - torch.log1p(others)
 
 
 def refuse_non_softmax_head(config: Any) -> None:

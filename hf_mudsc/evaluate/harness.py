@@ -72,6 +72,10 @@ from hf_mudsc.progress import Progress
 
 logger = logging.getLogger(__name__)
 
+#: One task's data opened (`batches.task_batches`): its batches, row count, whether raw columns are preprocessed, and
+#: every raw label (None: a stream).
+OpenedTask = tuple[Iterator[tuple[list[dict], list]], int | None, bool, list | None]
+
 
 def evaluate_merge(
     merged: Any,
@@ -198,15 +202,15 @@ def evaluate_merge(
 
     left_out: dict[str, bool | None] = {}  # per task: num_samples left rows out (None: a stream, not known)
 
-    def batches_of(task: str, source: TaskData) -> tuple[Iterator[tuple[list[dict], list]], int | None, bool]:
-        batches, total, raw_columns, left_out[task] = task_batches(
+    def batches_of(task: str, source: TaskData) -> OpenedTask:
+        batches, total, raw_columns, left_out[task], every_label = task_batches(
             source, task=task, main_input=main_input, batch_size=batch_size, num_samples=num_samples,
             processors=distinct, model_configs=group_configs, max_tokens=group_tokens, owners=group_owners,
             image_column=image_column,
             text_column=text_column, rank=rank, world=world, task_names=list(layout.ranges),
             class_names=layout.class_names[task],  # CLIP too: names given in another order than the data's
             joint_classes=joint_classes)
-        return batches, total, raw_columns
+        return batches, total, raw_columns, every_label
 
     joint_classes = [(name, label) for name, (lo, _) in sorted(layout.ranges.items(), key=lambda item: item[1][0])
                      for label in layout.class_names[name]] if not layout.shared else None
@@ -221,17 +225,7 @@ def evaluate_merge(
             raise EvaluationError(f"evaluation failed on another process: {failures[0]}")
     if not is_main_process():
         return None
-    empty = [t for t, n in counts.items() if n == 0]
-    if empty:
-        if all(sources[t].label_range is not None or sources[t].task_column is not None for t in empty):
-            raise EvaluationError(  # one dataset given for every task (`tasks_from_dataset`) lacks these tasks' rows
-                f"task(s) {empty} have no evaluation rows in the one dataset given for every task (read by "
-                f"{'its task column' if sources[empty[0]].task_column else 'joint label ids'}); "
-                + one_dataset_per_task_fix(list(sources))
-            )
-        raise EvaluationError(
-            f"task(s) {empty} have no evaluation rows; check the dataset, split and task mapping"
-        )
+    refuse_empty_tasks([t for t, n in counts.items() if n == 0], sources)
     scores = {scorer.name: _views(collected[scorer.name], list(sources), shown, modules) for scorer in scorers}
 
     def truncated(task: str) -> bool:
@@ -548,7 +542,7 @@ def _config_before_loading(reference: Any) -> Any:
 
 def _predict(models: Sequence[Any], groups: Mapping[int, int], scorers: Sequence[Scorer], layout: LabelLayout,
              sources: Mapping[str, TaskData],
-             batches_of: Callable[[str, TaskData], tuple[Iterator[tuple[list[dict], list]], int | None, bool]], *,
+             batches_of: Callable[[str, TaskData], OpenedTask], *,
              batch_size: int, progress: bool, world: int) -> tuple[dict, dict[str, int], bool, Exception | None]:
     """Every scorer's (predictions, references) per view on this process's rows, the row count per task, whether
     raw columns were preprocessed, and the error of a distributed run (raised by the caller once every process has
@@ -566,12 +560,21 @@ def _predict(models: Sequence[Any], groups: Mapping[int, int], scorers: Sequence
                                                                 error=EvaluationError,
                                                                 max_tokens=_fewest_tokens(group)))
     try:
+        # Every task's data opened, and its labels read where the label column alone gives them, before the first
+        # forward pass: a missing dataset, label column or rows, or a wrong label, of the last task was said only
+        # after every model had scored the others.
+        opened = {task: batches_of(task, source) for task, source in sources.items()}
+        for task, (_, _, _, every_label) in opened.items():
+            if every_label is not None:
+                local_labels(every_label, sources[task], task, layout.class_names[task])
+        if world == 1:  # a process's shard may be empty while the others' are not: then checked once gathered
+            refuse_empty_tasks([task for task, (_, total, _, _) in opened.items() if total == 0], sources)
         # Each module in eval mode and none of the caller's hooks run: the scores are the models' as their weights
         # define them; every module's mode and hooks come back afterwards (`load.objects.held_as_given`).
         with torch.no_grad(), held_as_given(models):
             for task, source in sources.items():
                 lo, _ = layout.ranges[task]
-                batches, total, raw_columns = batches_of(task, source)
+                batches, total, raw_columns, _ = opened[task]
                 preprocessed = preprocessed or raw_columns
                 per_task = {s.name: ([], []) for s in scorers}
                 joint = {s.name: ([], []) for s in scorers}
@@ -631,6 +634,19 @@ def _views(collected: Mapping[str, tuple[list[int], list[int]]], tasks: Sequence
     if all(t in views for t in tasks):
         views[AVERAGE] = {m: float(np.mean([views[t][m] for t in tasks])) for m in metrics.values()}
     return {v: views[v] for v in [*tasks, JOINT, AVERAGE] if v in views}
+
+
+def refuse_empty_tasks(empty: Sequence[str], sources: Mapping[str, TaskData]) -> None:
+    """Refuse the tasks `empty` of which no row is scored, in one line (none: nothing to say)."""
+    if not empty:
+        return
+    if all(sources[t].label_range is not None or sources[t].task_column is not None for t in empty):
+        raise EvaluationError(  # one dataset given for every task (`tasks_from_dataset`) lacks these tasks' rows
+            f"task(s) {list(empty)} have no evaluation rows in the one dataset given for every task (read by "
+            f"{'its task column' if sources[empty[0]].task_column else 'joint label ids'}); "
+            + one_dataset_per_task_fix(list(sources))
+        )
+    raise EvaluationError(f"task(s) {list(empty)} have no evaluation rows; check the dataset, split and task mapping")
 
 
 def _hub_source(loaded: Any) -> str | None:
