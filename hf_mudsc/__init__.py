@@ -9,7 +9,7 @@ from hf_mudsc._version import __version__
 
 if TYPE_CHECKING:
     from hf_mudsc.errors import MergeInputError, UnmergeableModelError
-    from hf_mudsc.evaluate.decision import joint_probabilities
+    from hf_mudsc.evaluate.decision import joint_predictions, joint_probabilities
     from hf_mudsc.evaluate.harness import evaluate_merge
     from hf_mudsc.evaluate.results import EvaluationResult
     from hf_mudsc.methods.registry import METHODS, MergeMethod, get_method, register_method
@@ -23,6 +23,7 @@ _LAZY = {
     "EvaluationResult": "hf_mudsc.evaluate.results",
     "evaluate_merge": "hf_mudsc.evaluate.harness",
     "joint_probabilities": "hf_mudsc.evaluate.decision",
+    "joint_predictions": "hf_mudsc.evaluate.decision",
     "from_pretrained": "hf_mudsc.pipeline",
     "merge": "hf_mudsc.pipeline",
     "MergeReport": "hf_mudsc.pipeline",
@@ -47,6 +48,7 @@ __all__ = [
     "evaluate_merge",
     "from_pretrained",
     "get_method",
+    "joint_predictions",
     "joint_probabilities",
     "merge",
     "push_merged",

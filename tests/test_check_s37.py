@@ -153,3 +153,27 @@ def test_the_start_is_read_with_the_zip_matcher_whatever_the_merges(monkeypatch)
     merged = hf_mudsc.merge(same_base_fine_tunes(), make_batches("vit_cls", num_batches=2), refit="none",
                             matcher="align", progress=False)
     assert matchers == ["zip"] and merged.config.mudsc["correspondence_check"]["solved"] == "first start"
+
+
+def test_joint_predictions_tell_confident_heads_apart_where_the_probabilities_argmax_ties():
+    """`hf_mudsc.joint_predictions(logits, {"a": [0, 2], "b": [2, 4]})` on a row a=[20, 0], b=[0, 30]: task b's label
+    (its log-probability is higher), where `joint_probabilities(...).argmax(-1)` — the card's snippet before — gave
+    task a's (both maxima are 1.0 in float32)."""
+    ranges = {"a": [0, 2], "b": [2, 4]}
+    logits = torch.tensor([[20.0, 0.0, 0.0, 30.0], [0.0, 30.0, 20.0, 0.0], [1.0, 0.0, 0.0, 3.0]])
+    assert hf_mudsc.joint_probabilities(logits, ranges).argmax(-1).tolist() == [0, 1, 3]  # the first row ties
+    assert hf_mudsc.joint_predictions(logits, ranges).tolist() == [3, 1, 3]
+    plain = torch.tensor([[0.5, 2.0, 1.0]])  # no task ranges: the plain argmax
+    assert hf_mudsc.joint_predictions(plain, {}).tolist() == [1]
+
+
+def test_joint_predictions_refuse_heads_without_a_softmax_naming_themselves():
+    """`joint_predictions(logits, config)` of a regression or multi-label head: one line naming joint_predictions."""
+    from transformers import BertConfig
+
+    from hf_mudsc.errors import EvaluationError
+
+    for config in (BertConfig(num_labels=1, problem_type="regression"),
+                   BertConfig(num_labels=2, problem_type="multi_label_classification")):
+        with pytest.raises(EvaluationError, match=r"^joint_predictions has no rule for a "):
+            hf_mudsc.joint_predictions(torch.zeros(1, config.num_labels), config)

@@ -145,7 +145,7 @@ def test_the_cards_joint_decision_snippet_runs_on_the_saved_model(tmp_path, pair
     folder = hf_mudsc.save_merged(merged, tmp_path / "merged")
     card = (folder / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", card, flags=re.S)
-    snippet = next(block for block in blocks if "joint_probabilities" in block)
+    snippet = next(block for block in blocks if "joint_predictions" in block)
     model = type(merged).from_pretrained(folder).eval()
     inputs = {key: value for key, value in batches[0].items() if key != "labels"}
     scope = {"model": model, "inputs": inputs}

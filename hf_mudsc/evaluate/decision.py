@@ -47,35 +47,53 @@ def joint_probabilities(logits: torch.Tensor, config: Any) -> torch.Tensor:
     """Per-task probabilities of a merged model's `logits`, concatenated in label order (module docstring).
 
     `config`: the merged model's config, its `config.json` read as a dict, or a mapping task -> [first id, end id)
-    (its `task_label_ranges`).
-    `joint_probabilities(out.logits, model.config).argmax(-1)` is the label id the evaluation's joint accuracy
-    scores (`id2label` names it: `"task: label"`) but where two tasks' maxima both round to 1.0 (logit margins past
-    about 17 in float32): the argmax then takes the first task, the evaluation the more probable one
-    (`per_task_log_probabilities`, whose argmax is the rule's). A model without task ranges gets a plain softmax. A
-    config of a multi-label head (a sigmoid per label) or a regression head (a score per output) is refused: neither
-    has a softmax or argmax rule, and a softmax of their outputs is no probability of theirs (a regression task's
-    slice would be 1.0 on every row). A bare ranges mapping says nothing of the head: it is softmaxed as given.
+    (its `task_label_ranges`). For the label each row gets, use `joint_predictions`: the argmax of these
+    probabilities is the same but where two tasks' maxima both round to 1.0 (logit margins past about 17 in
+    float32), where it takes the first task. A model without task ranges gets a plain softmax. A config of a
+    multi-label head (a sigmoid per label) or a regression head (a score per output) is refused: neither has a
+    softmax or argmax rule, and a softmax of their outputs is no probability of theirs (a regression task's slice
+    would be 1.0 on every row). A bare ranges mapping says nothing of the head: it is softmaxed as given.
 
     Returns:
         A tensor of `logits`' shape: each task's slice softmaxed on its own (each slice sums to 1).
     """
+    return per_task_softmax(logits, head_ranges(config, "joint_probabilities"))
+
+
+def joint_predictions(logits: torch.Tensor, config: Any) -> torch.Tensor:
+    """The label id each row of a merged model's `logits` gets by the joint rule the evaluation scores (each task's
+    softmax over its own slice, then the most probable label of all tasks; `id2label` names it, `"task: label"`),
+    decided on log-probabilities (`per_task_log_probabilities`) so that two confident tasks do not tie.
+
+    `config`: as `joint_probabilities` takes it (the merged model's config, its `config.json` as a dict, or its
+    `task_label_ranges`); multi-label and regression heads are refused the same way.
+
+    Returns:
+        A long tensor of `logits`' shape without its last axis.
+    """
+    return per_task_log_probabilities(logits, head_ranges(config, "joint_predictions")).argmax(-1)
+
+
+def head_ranges(config: Any, caller: str) -> list[tuple[int, int]]:
+    """The `[first id, end id)` slice of every task of the head `config` describes (`joint_probabilities`' forms;
+    empty: one softmax over all labels), a multi-label or regression head refused in one line naming `caller`."""
     if not isinstance(config, Mapping):
-        refuse_non_softmax_head(config)
-        return per_task_softmax(logits, list(task_ranges(config).values()))
+        refuse_non_softmax_head(config, caller)
+        return list(task_ranges(config).values())
     if any(key in config for key in CONFIG_KEYS):  # config.json as a dict (json.load): read as the config it is
         id2label = config.get("id2label")
         view = SimpleNamespace(task_label_ranges=config.get("task_label_ranges"), id2label=id2label,
                                problem_type=config.get("problem_type"),
                                num_labels=len(id2label) if isinstance(id2label, Mapping) else config.get("num_labels"))
-        refuse_non_softmax_head(view)
-        return per_task_softmax(logits, list(task_ranges(view).values()))
+        refuse_non_softmax_head(view, caller)
+        return list(task_ranges(view).values())
     for task, bounds in config.items():
         if not _is_range(bounds):
             raise EvaluationError(
-                "joint_probabilities takes the merged model's config (model.config, or its config.json as a dict) "
+                f"{caller} takes the merged model's config (model.config, or its config.json as a dict) "
                 "or its task_label_ranges (task -> [first id, end id)); got a mapping with "
                 f"{shown(task)}: {shown(bounds)}")
-    return per_task_softmax(logits, [tuple(bounds) for bounds in config.values()])
+    return [tuple(bounds) for bounds in config.values()]
 
 
 def per_task_log_probabilities(logits: torch.Tensor, ranges: Sequence[tuple[int, int]]) -> torch.Tensor:
@@ -98,17 +116,17 @@ def log_probabilities(logits: torch.Tensor) -> torch.Tensor:
     return shifted - torch.log1p(others)
 
 
-def refuse_non_softmax_head(config: Any) -> None:
+def refuse_non_softmax_head(config: Any, caller: str = "joint_probabilities") -> None:
     """Refuse a head whose outputs are read without a softmax (`load.checks`' rules, as `evaluate` refuses them):
-    `joint_probabilities` would return numbers that are not the model's."""
+    `caller` (`joint_probabilities`, `joint_predictions`) would return numbers that are not the model's."""
     if is_multi_label_head(config):
         raise EvaluationError(
-            "joint_probabilities has no rule for a multi-label head (problem_type 'multi_label_classification': a "
+            f"{caller} has no rule for a multi-label head (problem_type 'multi_label_classification': a "
             "sigmoid per label, no softmax over a task's labels); read each label on its own: logits.sigmoid() "
             "against a threshold (0.5, as the model card's snippet does)")
     if is_regression_head(config):
         raise EvaluationError(
-            "joint_probabilities has no rule for a regression head (problem_type 'regression', or one output without "
+            f"{caller} has no rule for a regression head (problem_type 'regression', or one output without "
             "a problem_type: each output is a task's score, not a class logit); read the outputs "
             "(model(**inputs).logits) as the scores they are")
 
