@@ -1053,6 +1053,10 @@ def merge(
         else:
             report.refit = run_refit(merged, calibration_batches, calibration_examples)
     if refitting:
+        for text in getattr(report.refit, "warnings", ()):  # the refit's (not REPAIR's): logged, now kept too
+            if text not in merged.config.mudsc["warnings"]:
+                report.warnings.append(text)
+                merged.config.mudsc["warnings"].append(text)
         merged.config.mudsc["refit_examples"] = report.refit.examples
         if accumulators is None and not report.num_samples:  # nothing else read the data: the refit's is the count
             held = (merged.config.mudsc["refit_gate"] or {}).get("held_out_examples", 0)  # the gate's held-out rows

@@ -127,6 +127,8 @@ def test_parents_sharing_their_backbone_object_merge_as_their_unshared_twins(cap
         shared = hf_mudsc.merge([a, b], batches, progress=False, **keywords)
     said = [r.getMessage() for r in caplog.records if "share" in r.getMessage() and "copy" in r.getMessage()]
     assert said and "bert" in said[0]
+    assert said[0] in shared.config.mudsc["warnings"]  # the card and config carry it, once (session 37's review)
+    assert sum("shares module" in text for text in shared.config.mudsc["warnings"]) == 1
     unshared = hf_mudsc.merge([a, twin], batches, progress=False, **keywords)
     for (name, p), q in zip(shared.state_dict().items(), unshared.state_dict().values()):
         assert torch.equal(p, q), name

@@ -118,6 +118,8 @@ class RefitReport:
     parent_passes: int = 0
     """Passes of each parent over the refit's data: one per chunk of steps whose targets fit `TARGET_CACHE_BYTES`
     (the merged model makes one per step)."""
+    warnings: list[str] = field(default_factory=list)
+    """What the merge's warnings should carry (a parent copied for the refit: `replayed_parents`)."""
 
 
 class RidgeAccumulator:
@@ -384,17 +386,18 @@ def capture_layers(model: nn.Module, names: Sequence[str], batch: Mapping[str, A
     return captured
 
 
-def replayed_parents(parents: Sequence[nn.Module]) -> tuple[list[nn.Module], list[int]]:
+def replayed_parents(parents: Sequence[nn.Module]) -> tuple[list[nn.Module], list[int], list[str]]:
     """The models the refit runs for `parents`, one block replay each, and each parent's index among them. A replay
     hooks and replaces the forwards of its model's modules for a whole pass, every parent's at once, so no two of
     them may hold one module object: a parent holding the same modules under the same names as an earlier one (the
     same object passed twice, a shallow copy) is run once for both (the same outputs); one holding only some module
     of an earlier one (two heads on one backbone object) is run as a deep copy, made for the refit only (its memory
-    once more, said in a log line)."""
+    once more, said in the warnings returned third)."""
     runs: list[nn.Module] = []
     keys: list[tuple] = []
     held: dict[int, tuple[int, str]] = {}  # id of a module holding weights -> (parent index, its name there)
     slots = []
+    said: list[str] = []
     for index, parent in enumerate(parents):
         named = [(name, module) for name, module in parent.named_modules() if name]
         key = (type(parent), tuple((name, id(module)) for name, module in named),
@@ -407,11 +410,10 @@ def replayed_parents(parents: Sequence[nn.Module]) -> tuple[list[nn.Module], lis
         shared = next(((name, held[id(module)]) for name, module in weighted if id(module) in held), None)
         if shared is not None:
             name, (owner, owner_name) = shared
-            logger.warning("refit: parent %s shares module %r%s with parent %s (one object in both); the refit "
-                           "runs a copy of parent %s (its memory once more) — pass copy.deepcopy(...) of it to merge "
-                           "to run without one", parent_label(index), name,
-                           f" (its {owner_name!r})" if owner_name != name else "", parent_label(owner),
-                           parent_label(index))
+            said.append(f"refit: parent {parent_label(index)} shares module {name!r}"
+                        f"{f' (its {owner_name!r})' if owner_name != name else ''} with parent {parent_label(owner)} "
+                        f"(one object in both); the refit runs a copy of parent {parent_label(index)} (its memory "
+                        "once more) — pass copy.deepcopy(...) of it to merge to run without one")
             parent = copy.deepcopy(parent)
         else:
             for name, module in weighted:
@@ -419,7 +421,7 @@ def replayed_parents(parents: Sequence[nn.Module]) -> tuple[list[nn.Module], lis
         slots.append(len(runs))
         runs.append(parent)
         keys.append(key)
-    return runs, slots
+    return runs, slots, said
 
 
 def refit_model(
@@ -467,7 +469,9 @@ def refit_model(
     report = RefitReport()
     target = torch.device(device) if device is not None else None
     # The models run (a parent sharing modules with another is run once or copied) and each parent's among them.
-    runs, slots = replayed_parents(parents)
+    runs, slots, report.warnings = replayed_parents(parents)
+    for text in report.warnings:
+        logger.warning("%s", text)
     homes = [_home(model) for model in (merged, *runs)]
     was_training = [model.training for model in (merged, *runs)]
     head = _classifier_module(spec)
