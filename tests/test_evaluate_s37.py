@@ -3,35 +3,27 @@ checked against a hand computation, and problems with the data said before any m
 
 from __future__ import annotations
 
-import types
-
 import datasets
 import pytest
 import torch
-from factories import make_model
-from transformers.modeling_outputs import SequenceClassifierOutput
+from test_eval_s34 import controlled as controlled_logits
 
 from hf_mudsc.errors import EvaluationError
 from hf_mudsc.evaluate.harness import evaluate_merge
 
 
 def controlled(labels: list[str], table: list[list[float]], ranges: dict | None = None):
-    """A BERT classifier whose logits for a row whose input_ids[1] is i are table[i]; `model.forwards` counts its
+    """`test_eval_s34.controlled`'s classifier (row i's logits are table[i]), whose `model.forwards` counts its
     forward passes."""
-    model = make_model("bert_cls", num_labels=len(labels))
-    model.config.id2label = dict(enumerate(labels))
-    model.config.label2id = {label: i for i, label in enumerate(labels)}
-    model.config._name_or_path = ""
-    if ranges:
-        model.config.task_label_ranges = ranges
-    logits = torch.tensor(table, dtype=torch.float32)
+    model = controlled_logits(labels, table, ranges)
     model.forwards = 0
+    answer = model.forward
 
-    def forward(self, input_ids=None, **_):
-        self.forwards += 1
-        return SequenceClassifierOutput(logits=logits[input_ids[:, 1]])
+    def forward(*args, **kwargs):
+        model.forwards += 1
+        return answer(*args, **kwargs)
 
-    model.forward = types.MethodType(forward, model)
+    model.forward = forward
     return model
 
 
