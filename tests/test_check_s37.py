@@ -163,6 +163,8 @@ def test_joint_predictions_tell_confident_heads_apart_where_the_probabilities_ar
     logits = torch.tensor([[20.0, 0.0, 0.0, 30.0], [0.0, 30.0, 20.0, 0.0], [1.0, 0.0, 0.0, 3.0]])
     assert hf_mudsc.joint_probabilities(logits, ranges).argmax(-1).tolist() == [0, 1, 3]  # the first row ties
     assert hf_mudsc.joint_predictions(logits, ranges).tolist() == [3, 1, 3]
+    far = torch.tensor([[200.0, 0.0, 0.0, 300.0]])  # past float32's exp range (~87-103): decided in float64
+    assert hf_mudsc.joint_predictions(far, ranges).tolist() == [3]
     plain = torch.tensor([[0.5, 2.0, 1.0]])  # no task ranges: the plain argmax
     assert hf_mudsc.joint_predictions(plain, {}).tolist() == [1]
 

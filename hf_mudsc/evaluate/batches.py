@@ -342,7 +342,8 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
                 inputs = [preprocess(rows) for preprocess in preprocesses]
             yield inputs, read_labels(rows[label_column])
 
-    # the label column alone, as plain values (a torch-formatted column's ids as the numbers the batches give)
-    every_label = (read_labels(dataset.select_columns([label_column]).with_format(None)[label_column])
+    # the label column alone, as plain values (a torch-formatted column's ids as the numbers the batches give); read
+    # as one slice: `dataset[column]` is a lazy column in datasets 4+, iterated row by row (2M rows: 12.6 s vs 0.02 s)
+    every_label = (read_labels(dataset.select_columns([label_column]).with_format(None)[:][label_column])
                    if isinstance(dataset, datasets.Dataset) else None)
     return dataset_batches(), count, preprocesses[0] is not None, left_out, every_label

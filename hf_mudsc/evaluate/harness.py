@@ -129,7 +129,8 @@ def evaluate_merge(
         image_column, text_column: the raw columns to preprocess (default `image`/`img`, `text`/`sentence`; a text
             column may be two names separated by a comma, read as text pairs).
         joint_rule: how a concatenated head decides the joint view, for the merged model(s) and the ensemble
-            alike: `"per_task"` (each task's softmax, then the argmax; `hf_mudsc.joint_probabilities`) or `"raw"`
+            alike: `"per_task"` (each task's softmax, then the argmax, on log-probabilities so that two confident
+            tasks do not tie; `hf_mudsc.joint_predictions`) or `"raw"`
             (the argmax over the raw concatenated logits, what a `transformers` pipeline does). Neither wins
             everywhere (docs/benchmarks/joint_rules.md); the result records the rule.
         allow_pickle: load models given as a folder or Hub id that have pickle-only weights (pytorch_model.bin:
