@@ -214,14 +214,15 @@ def check_folder(folder: str | os.PathLike) -> Path:
 
 
 def check_unchanged(folder: str | os.PathLike, *, allow_changed: bool = False, switch: str = "--allow-changed"
-                    ) -> None:
+                    ) -> list[str]:
     """Refuse a folder whose files changed since hf-mudsc wrote them (`folder.changed_files`: their sha256 differs
     from the marker's, or they are gone): its card and recipe would be published describing other weights than those
     uploaded. `allow_changed` (the user's explicit choice, `switch` names it in the message) publishes them as they
-    are, saying so in a warning. The files `evaluate` and `inspect` rewrite are recorded as written: they pass."""
+    are, saying so in a warning. The files `evaluate` and `inspect` rewrite are recorded as written: they pass.
+    Returns the changed files' names (published as they are)."""
     changed = changed_files(folder)
     if not changed:
-        return
+        return changed
     names = ", ".join(changed[:10]) + (f" and {len(changed) - 10} more" if len(changed) > 10 else "")
     if not allow_changed:
         raise ValueError(
@@ -230,6 +231,7 @@ def check_unchanged(folder: str | os.PathLike, *, allow_changed: bool = False, s
             f"`hf-mudsc merge ... --output DIR` (or, to publish the files as they are, pass {switch})")
     logger.warning("publishing %s with files changed since hf-mudsc wrote them, as they are (%s): its card and "
                    "recipe describe the merge as it was written", folder, names)
+    return changed
 
 
 def commit_title(name: str) -> str:
@@ -392,12 +394,13 @@ def push_folder(
     check_commit_options(options, api_names=flag == "repo_id")
     with pinned_files(folder) as (files, handles):
         folder = check_folder(folder)
+        changed: list[str] = []
         if not just_written:
             refuse_push_over_parent(folder, repo_id, flag)  # reads the recipe only: before every file is hashed
-            check_unchanged(folder, allow_changed=allow_changed,
-                            switch="allow_changed=True" if flag == "repo_id" else "--allow-changed")
+            changed = check_unchanged(folder, allow_changed=allow_changed,
+                                      switch="allow_changed=True" if flag == "repo_id" else "--allow-changed")
             refuse_non_finite_files(folder, files)
-        contents = published_contents(folder, repo_id=repo_id, options=options)
+        contents = published_contents(folder, repo_id=repo_id, options=options, card_as_left=CARD_FILENAME in changed)
         check_still_pinned(folder, files, handles)  # what was checked is what the open files hold
         with hub_timeouts() as seconds:
             return _push(folder, files, contents, repo_id, private=private, overwrite=overwrite, token=token,
@@ -479,14 +482,20 @@ def refuse_non_finite_files(folder: Path, files: list[str]) -> None:
                      "changed since — write it again with `hf-mudsc merge ... --output DIR`")
 
 
-def published_contents(folder: Path, *, repo_id: str | None = None, options: CommitOptions | None = None
-                       ) -> dict[str, bytes]:
+def published_contents(folder: Path, *, repo_id: str | None = None, options: CommitOptions | None = None,
+                       card_as_left: bool = False) -> dict[str, bytes]:
     """The files uploaded with other bytes than the folder's: the recipe with its local folders named by folder
     name (`recipe.published_text`), when it has any; the card with its "how to load" snippet naming the push's
     target (`repo_id`, `options`' branch: `pushed_card`), whatever repo and branch the folder was written for. Read
-    from the folder, which is never changed (so `check_unchanged` still accepts it)."""
+    from the folder, which is never changed (so `check_unchanged` still accepts it).
+
+    `card_as_left`: the README was changed since hf-mudsc wrote it (published with --allow-changed): it goes up as
+    the user left it, byte for byte — their snippet is theirs, not the template's — and a log line says so."""
     contents = _published_recipe(folder)
-    if repo_id is not None:
+    if repo_id is not None and card_as_left:
+        logger.info("%s of %s changed since hf-mudsc wrote it: it is published as you left it (its usage snippet is "
+                    "not pointed at %s)", CARD_FILENAME, folder, repo_id)
+    elif repo_id is not None:
         card = (folder / CARD_FILENAME).read_bytes()
         try:
             text = card.decode("utf-8")
@@ -499,8 +508,15 @@ def published_contents(folder: Path, *, repo_id: str | None = None, options: Com
     return contents
 
 
-# The usage snippet's loads, as the card template writes them: `.from_pretrained("REPO"` and the revision after it.
-_USAGE_LOAD = re.compile(r'(\.from_pretrained\()"[^"\n]*"(?:, revision="[^"\n]*")?')
+# The card template's usage snippet (`model_cards/merged_model.md.jinja`): the "## Usage" heading, the python block
+# under it (before the next "## " heading), the model's load in it (`model = CLASS.from_pretrained("TARGET"`, TARGET
+# being the repo the folder was written for or `PLACEHOLDER_TARGET`), and each load with its revision argument.
+PLACEHOLDER_TARGET = "path/to/this/model"
+_USAGE_HEADING = re.compile(r"^## Usage[ \t]*\r?$", flags=re.MULTILINE)
+_NEXT_HEADING = re.compile(r"^## ", flags=re.MULTILINE)
+_PYTHON_BLOCK = re.compile(r"^```python\r?\n(.*?)^```", flags=re.MULTILINE | re.DOTALL)
+_MODEL_LOAD = re.compile(r'^model = \w+\.from_pretrained\("([^"\r\n]*)"', flags=re.MULTILINE)
+_USAGE_LOAD = re.compile(r'(\.from_pretrained\()"([^"\r\n]*)"(?:, revision="[^"\r\n]*")?')
 
 
 def pushed_card(text: str, repo_id: str, branch: str = "main") -> str:
@@ -508,16 +524,29 @@ def pushed_card(text: str, repo_id: str, branch: str = "main") -> str:
     repo and branch it was written for, or `path/to/this/model`), so a folder written for a branch and pushed to main
     (or the reverse) never tells readers to load another revision. A pull request's card names its target branch,
     which holds these files once the pull request is merged (the README says so; the card itself is not changed for
-    it, so a pull request of files the branch already holds changes nothing and is not opened). A card with no such
-    snippet (a custom template) is unchanged."""
-    start = text.find("\n## Usage\n")
-    opening = text.find("```python\n", start) if start >= 0 else -1
-    closing = text.find("\n```", opening + len("```python\n")) if opening >= 0 else -1
-    if closing < 0:
+    it, so a pull request of files the branch already holds changes nothing and is not opened).
+
+    Only the first python block of the Usage section (up to the next "## " heading) is read, and in it only the
+    loads of the target the writer put there (the placeholder, or the model load's repo): another section's code, or
+    a load of another model (a tokenizer from its own repo), is never rewritten. A card with no such snippet (a
+    custom template) is unchanged. CRLF line ends are read as LF and kept."""
+    heading = _USAGE_HEADING.search(text)
+    if heading is None:
         return text
+    following = _NEXT_HEADING.search(text, heading.end())
+    section_end = following.start() if following is not None else len(text)
+    block = _PYTHON_BLOCK.search(text, heading.end(), section_end)
+    if block is None:
+        return text
+    model_load = _MODEL_LOAD.search(block.group(1))
+    written_for = {PLACEHOLDER_TARGET} | ({model_load.group(1)} if model_load is not None else set())
     target = json.dumps(repo_id) + (f", revision={json.dumps(branch)}" if branch != "main" else "")
-    snippet = _USAGE_LOAD.sub(lambda match: match.group(1) + target, text[opening:closing])
-    return text[:opening] + snippet + text[closing:]
+
+    def retargeted(match: re.Match[str]) -> str:
+        return match.group(1) + target if match.group(2) in written_for else match.group(0)
+
+    snippet = _USAGE_LOAD.sub(retargeted, block.group(1))
+    return text[:block.start(1)] + snippet + text[block.end(1):]
 
 
 def _published_recipe(folder: Path) -> dict[str, bytes]:

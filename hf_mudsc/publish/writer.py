@@ -330,22 +330,26 @@ def publish(
         where = kept or produced.get("output")
         said = f"{interrupted}; the merged model is in {where}" if where else str(interrupted)
         if not interrupted.pushed:
-            said += f"; push it with `hf-mudsc push {where} {push_to_hub}{push_flags(commit)}`"
+            said += (f"; push it with `hf-mudsc push {shlex.quote(str(where))} {push_to_hub}"
+                     f"{push_flags(commit, private=private, overwrite=overwrite)}`")
         raise PushInterrupted(said, pushed=interrupted.pushed) from interrupted.__cause__
     if failure is not None:
         where = kept or produced["output"]
         logger.debug("push failed", exc_info=failure)
         raise PushError(f"{failure} — the merged model is kept in {where}; push it with "
-                        f"`hf-mudsc push {where} {push_to_hub}{push_flags(commit)}`") from failure
+                        f"`hf-mudsc push {shlex.quote(str(where))} {push_to_hub}"
+                        f"{push_flags(commit, private=private, overwrite=overwrite)}`") from failure
     return produced
 
 
-def push_flags(commit: CommitOptions | None) -> str:
-    """The `hf-mudsc push` flags that push a kept folder as `commit` asked (the branch, the pull request, the commit's
-    message and description), each quoted for a shell."""
+def push_flags(commit: CommitOptions | None, *, private: bool = False, overwrite: bool = False) -> str:
+    """The `hf-mudsc push` flags that push a kept folder as the failed push asked (`private` and `overwrite`: else
+    the retry would create a public repo, or be refused by the repo it was to replace; then `commit`'s branch, pull
+    request, message and description), each quoted for a shell."""
+    given = (" --private" if private else "") + (" --overwrite" if overwrite else "")
     if commit is None:
-        return ""
-    return "".join([f" --revision {shlex.quote(commit.revision)}" if commit.revision else "",
+        return given
+    return given + "".join([f" --revision {shlex.quote(commit.revision)}" if commit.revision else "",
                     " --create-pr" if commit.create_pr else "",
                     f" --commit-message {shlex.quote(commit.message)}" if commit.message is not None else "",
                     f" --commit-description {shlex.quote(commit.description)}" if commit.description is not None
