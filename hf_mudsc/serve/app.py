@@ -380,7 +380,7 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
     api_key = clean_api_key(api_key)
     if api_key is not None and not is_long_secret(api_key):
         logger.warning("the API key is under %d characters: weak (easy to guess), and a job's field is refused for "
-                       "holding it only when the whole value is the key; use a longer one", TOKEN_MIN_LENGTH)
+                       "holding it only when a whole string value or key is it; use a longer one", TOKEN_MIN_LENGTH)
     state_dir = Path(state_dir).expanduser().absolute()
     roots = tuple(Path(root).expanduser().resolve() for root in local_roots)
     store = JobStore(state_dir)
