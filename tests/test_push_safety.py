@@ -379,7 +379,7 @@ def test_hide_tokens_masks_the_userinfo_of_any_url():
     assert without_userinfo("http://user:pa:ss@host:8080/x") == "http://host:8080/x"
     from hf_mudsc.serve.worker import Reporter  # a service job's log lines and error, as stored and shown
 
-    assert Reporter(None, "tok", calibrates=False, pushes=False).scrub(line) == hide_tokens(line)
+    assert Reporter(None, "tok", calibrates=False, asks_before_push=False).scrub(line) == hide_tokens(line)
     assert without_userinfo("https://huggingface.co") == "https://huggingface.co"
 
 

@@ -235,7 +235,7 @@ def record(name: str, message: str) -> logging.LogRecord:
 
 def test_the_worker_maps_pipeline_records_to_phases_scrubs_the_token_and_cancels_until_the_push_begins():
     pipe = FakePipe()
-    reporter = Reporter(pipe, SECRET, calibrates=True, pushes=True)
+    reporter = Reporter(pipe, SECRET, calibrates=True, asks_before_push=False)
     handler = ForwardHandler(reporter)
     reporter.enter("load")
     handler.emit(record("hf_mudsc.load.parents", "loaded user/a"))
@@ -273,7 +273,7 @@ def _merge_phases(parents, batches, **options) -> list[tuple[str, float]]:
     from hf_mudsc.serve.worker import forward_progress
 
     pipe = FakePipe()
-    reporter = Reporter(pipe, None, calibrates=True, pushes=False)
+    reporter = Reporter(pipe, None, calibrates=True, asks_before_push=False)
     handler = ForwardHandler(reporter)
     library = logging.getLogger("hf_mudsc")
     level = library.level

@@ -256,7 +256,7 @@ class Pipe:
 def test_the_writers_rename_is_a_cancel_point_an_orphan_discards_its_folder(tmp_path):
     """SIGKILL of the server while its job wrote the folder: the orphaned worker renamed the complete model into place,
     the restarted service said the job failed with nothing written, and a resubmit got 'already exists'."""
-    reporter = Reporter(Pipe(closed=True), None, calibrates=False, pushes=False)  # its server died
+    reporter = Reporter(Pipe(closed=True), None, calibrates=False, asks_before_push=False)  # its server died
     target = tmp_path / "outputs" / "model"
     with pytest.raises(JobCancelled), checked_rename(reporter.before_rename), staged_output(target) as staging:
         (staging / "model.safetensors").write_bytes(b"weights")
@@ -264,7 +264,7 @@ def test_the_writers_rename_is_a_cancel_point_an_orphan_discards_its_folder(tmp_
     assert not target.exists() and not (tmp_path / "outputs").exists()
     # a live server, no cancel: the folder is moved into place, and the job's log says so
     pipe = Pipe()
-    live = Reporter(pipe, None, calibrates=False, pushes=False)
+    live = Reporter(pipe, None, calibrates=False, asks_before_push=False)
     with checked_rename(live.before_rename), staged_output(target) as staging:
         (staging / "model.safetensors").write_bytes(b"weights")
     assert (target / "model.safetensors").read_bytes() == b"weights"
@@ -282,7 +282,7 @@ def test_a_cancel_in_the_load_phase_ends_the_worker_at_once(monkeypatch, phase):
 
     monkeypatch.setattr(os, "_exit", fake_exit)
     pipe = Pipe(incoming=["cancel"])
-    reporter = Reporter(pipe, None, calibrates=False, pushes=False)
+    reporter = Reporter(pipe, None, calibrates=False, asks_before_push=False)
     if phase:
         reporter.enter(phase)
     with pytest.raises(SystemExit):
@@ -291,7 +291,7 @@ def test_a_cancel_in_the_load_phase_ends_the_worker_at_once(monkeypatch, phase):
                                               "pushed", None)
     # later, a cancel waits for the next cancel point (the writer's staging folder must be discarded)
     pipe = Pipe(incoming=["cancel"])
-    reporter = Reporter(pipe, None, calibrates=False, pushes=False)
+    reporter = Reporter(pipe, None, calibrates=False, asks_before_push=False)
     reporter.enter("solve")
     monkeypatch.setattr(worker.time, "sleep", lambda seconds: None)
     with pytest.raises(SystemExit):  # then the pipe closes: the orphan's grace, then its exit
@@ -309,7 +309,7 @@ def test_a_failed_job_shows_one_line_and_its_traceback_goes_to_the_server_log_on
     except Exception as raised:  # noqa: BLE001 - a traceback to report
         error = raised
     pipe = Pipe()
-    reporter = Reporter(pipe, None, calibrates=False, pushes=False)
+    reporter = Reporter(pipe, None, calibrates=False, asks_before_push=False)
     report_failure(reporter, error)
     lines = [m[1] for m in pipe.sent if m[0] == "log"]
     assert len(lines) == 1 and "Traceback" not in lines[0] and str(error) in lines[0], lines

@@ -149,7 +149,7 @@ def test_the_worker_tells_the_scheduler_once_when_its_push_begins():
     from hf_mudsc.serve.worker import ForwardHandler, Reporter
 
     pipe = Pipe()
-    reporter = Reporter(pipe, None, calibrates=False, pushes=True)
+    reporter = Reporter(pipe, None, calibrates=False, asks_before_push=False)
     handler = ForwardHandler(reporter)
     handler.emit(hub_record("checking the repo 'me/merged'"))  # before the merge is written: no push yet
     assert ("pushing",) not in pipe.sent
@@ -246,7 +246,7 @@ def test_a_push_only_job_whose_push_fails_leaves_no_model_on_the_server_and_name
     job = parse_job({"models": [str(a), str(b)], "method": "weight_matching", "push_to_hub": "me/merged"},
                     tmp_path / "outputs", local_roots=[a.parent])
     with pytest.raises(PushError) as caught:
-        run_merge(job, None, Reporter(Pipe(), None, calibrates=False, pushes=True))
+        run_merge(job, None, Reporter(Pipe(), None, calibrates=False, asks_before_push=False))
     message = str(caught.value)
     assert list(server_tmp.iterdir()) == [], list(server_tmp.iterdir())
     assert "the Hub is down" in message and "'me/merged'" in message, message
@@ -256,7 +256,7 @@ def test_a_push_only_job_whose_push_fails_leaves_no_model_on_the_server_and_name
     job = parse_job({"models": [str(a), str(b)], "method": "weight_matching", "push_to_hub": "me/merged",
                      "output": "kept"}, tmp_path / "outputs", local_roots=[a.parent])
     with pytest.raises(PushError) as caught:
-        run_merge(job, None, Reporter(Pipe(), None, calibrates=False, pushes=True))
+        run_merge(job, None, Reporter(Pipe(), None, calibrates=False, asks_before_push=False))
     message = str(caught.value)
     assert (tmp_path / "outputs" / "kept" / "config.json").is_file() and list(server_tmp.iterdir()) == []
     assert f"kept in the output folder {str(tmp_path / 'outputs' / 'kept')!r}" in message, message

@@ -192,7 +192,7 @@ def run_merge_producing(monkeypatch: pytest.MonkeyPatch, produced: dict[str, Any
     import hf_mudsc.runner
 
     monkeypatch.setattr(hf_mudsc.runner, "execute", lambda recipe, **kwargs: produced)
-    reporter = worker.Reporter(Pipe(), None, calibrates=False, pushes=False)
+    reporter = worker.Reporter(Pipe(), None, calibrates=False, asks_before_push=False)
     return worker.run_merge(job, None, reporter)
 
 
@@ -275,12 +275,12 @@ def test_a_job_stored_before_the_marker_was_recorded_still_serves_its_files(tmp_
 
 
 def test_a_short_token_masks_only_itself_in_the_jobs_log_and_error():
-    reporter = worker.Reporter(Pipe(), "e", calibrates=False, pushes=False)
+    reporter = worker.Reporter(Pipe(), "e", calibrates=False, asks_before_push=False)
     line = "LoadError: no model folder at '/tmp/hunt_serve/no-such-b'; pass an existing folder"
     assert reporter.scrub(line) == line
     assert reporter.scrub("the token was e, here") == "the token was ***, here"
     secret = "hf_s30ClientTokenThatMustNeverShow"
-    reporter = worker.Reporter(Pipe(), secret, calibrates=False, pushes=False)
+    reporter = worker.Reporter(Pipe(), secret, calibrates=False, asks_before_push=False)
     for text in (f"Bearer {secret}", f"token={secret}&x", f"https://u:{secret}@host/x", f"'{secret}'"):
         assert secret not in reporter.scrub(text), text
 

@@ -217,7 +217,7 @@ def test_a_job_writing_onto_a_full_disk_fails_in_the_services_words_leaving_noth
     else:
         monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", _safetensors_full)
     pipe = SentMessages()
-    reporter = Reporter(pipe, None, calibrates=False, pushes=False)
+    reporter = Reporter(pipe, None, calibrates=False, asks_before_push=False)
     with pytest.raises(Exception) as raised:  # noqa: PT011, B017 - which one is the library's; the report is checked
         with checked_rename(reporter.before_rename):
             run_merge(job, None, reporter)
@@ -328,7 +328,7 @@ def test_a_full_disk_while_downloading_a_parent_is_a_disk_failure_not_an_unreach
         download_files("user/a", "user/a", "0" * 40, ["config.json"], token=None, cache_dir=tmp_path)
     assert raised.value.errno == errno.ENOSPC
     pipe = SentMessages()
-    report_failure(Reporter(pipe, None, calibrates=False, pushes=False), raised.value)
+    report_failure(Reporter(pipe, None, calibrates=False, asks_before_push=False), raised.value)
     (_, _, error, _), = [m for m in pipe.sent if m[0] == "done"]
     assert "no space left on device" in error and "reach the Hub" not in error and "connection" not in error
     assert "/srv/hf-cache" not in error and "free space" in error
@@ -346,7 +346,7 @@ def test_a_read_only_or_over_quota_disk_gets_advice_that_fits_it(number, advice)
     wrapped = LoadError("'user/a': something else")  # a wrapper the library adds: its cause is looked at
     wrapped.__cause__ = OSError(number, "disk", "/srv/out/merged/model.safetensors")
     pipe = SentMessages()
-    report_failure(Reporter(pipe, None, calibrates=False, pushes=False), wrapped)
+    report_failure(Reporter(pipe, None, calibrates=False, asks_before_push=False), wrapped)
     (_, _, error, _), = [m for m in pipe.sent if m[0] == "done"]
     assert advice in error and "/srv/out" not in error and "\n" not in error, error
     if number == errno.EROFS:
@@ -428,8 +428,7 @@ def test_a_cancel_sent_as_the_push_begins_either_stops_it_before_any_upload_or_i
                        repo_id="me/merged", dry_run=False, has_token=False)
     store.update(job_id, status="running", phase="build", progress=0.85)
     parent, child = multiprocessing.Pipe()
-    reporter = Reporter(child, None, calibrates=False, pushes=True)
-    reporter.asks_before_push = True  # as `worker.main` sets it: `_worker_side` reads the answers
+    reporter = Reporter(child, None, calibrates=False, asks_before_push=True)  # `_worker_side` answers
     run = Running(StuckProcess(), parent)
     scheduler.running[job_id] = run
     threading.Thread(target=_worker_side, args=(child, reporter), daemon=True).start()
@@ -507,8 +506,8 @@ def test_a_numeric_secret_sent_as_a_number_is_refused(tmp_path):
     assert answer.status_code == 400, answer.text
     assert key not in answer.text and "`seed`" in answer.json()["error"]
     assert app.state.store.list() == []
-    short = create_app(tmp_path / "short", api_key="1234")
-    refused = client_of(short).post("/api/jobs", json={**BODY, "seed": 1234}, headers={"X-API-Key": "1234"})
+    short = create_app(tmp_path / "short", api_key="1234")  # a short one: as a whole string value only
+    refused = client_of(short).post("/api/jobs", json={**BODY, "text_column": "1234"}, headers={"X-API-Key": "1234"})
     assert refused.status_code == 400 and "1234" not in refused.text
 
 

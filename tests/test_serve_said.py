@@ -158,7 +158,7 @@ def test_a_merge_result_says_what_ran_and_the_merges_warnings(tmp_path, inputs):
     job = parse_job({"models": [str(a), str(b)], "calibration": str(data), "alpha": "auto", "num_samples": 8,
                      "batch_size": 8, "private": True, "output": "auto"}, tmp_path / "outputs",
                     local_roots=[a.parent])
-    result = run_merge(job, None, Reporter(Pipe(), None, calibrates=True, pushes=False))
+    result = run_merge(job, None, Reporter(Pipe(), None, calibrates=True, asks_before_push=False))
     recorded = json.loads((Path(result["output"]) / "config.json").read_text())["mudsc"]
     assert result["method"] == recorded["method"] != "auto" and result["alpha"] == recorded["alpha"], result
     assert recorded["warnings"], "the tiny merge is expected to warn (calibration too small, ...)"

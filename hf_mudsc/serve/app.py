@@ -70,7 +70,15 @@ from hf_mudsc.errors import RecipeError, shown
 from hf_mudsc.load.references import clean_token
 from hf_mudsc.publish.folder import weights_fingerprint
 from hf_mudsc.publish.recipe import INFO_KEYS, RecipeLoader, repeated_key, yaml_error_line
-from hf_mudsc.serve import HEADER_MAX_BYTES, clean_api_key, host_name, is_loopback, mask_token
+from hf_mudsc.serve import (
+    HEADER_MAX_BYTES,
+    TOKEN_MIN_LENGTH,
+    clean_api_key,
+    host_name,
+    is_long_secret,
+    is_loopback,
+    mask_token,
+)
 from hf_mudsc.serve.jobs import (
     JobRequest,
     accepted_keys,
@@ -370,6 +378,9 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
     `local_roots`: the folders a job may name local paths in (`--local-root`); none: Hub references only.
     `api_key`: as `clean_api_key` makes it (an empty one is no key; one no client can send: ValueError)."""
     api_key = clean_api_key(api_key)
+    if api_key is not None and not is_long_secret(api_key):
+        logger.warning("the API key is under %d characters: weak (easy to guess), and a job's field is refused for "
+                       "holding it only when a whole string value or key is it; use a longer one", TOKEN_MIN_LENGTH)
     state_dir = Path(state_dir).expanduser().absolute()
     roots = tuple(Path(root).expanduser().resolve() for root in local_roots)
     store = JobStore(state_dir)

@@ -597,10 +597,11 @@ def refuse_secrets(body: Any, *, api_key: str | None, token: str | None) -> None
     """No field of a job holds the service's API key or the job's own Hub token (as its `Authorization` header sent
     it, whatever its shape): a job is stored, listed and shown to anyone who may read the service (reading needs no
     key), its recipe lands in the pushed card, and `refuse_tokens` knows only the Hub's `hf_` shape. A secret of
-    `TOKEN_MIN_LENGTH` characters or more (or shaped like a token) is found anywhere, key names and numbers
-    included; a shorter one only as a whole value (`--api-key main` is not the parent `org/main`, nor the key
-    `models`). Refused naming the field and which secret it holds, never showing it, before any other check may
-    repeat the value."""
+    `TOKEN_MIN_LENGTH` characters or more (or shaped like a token) is found anywhere, key names (at any depth) and
+    numbers included; a shorter one only as a whole string value or a whole key below the job's own field names
+    (`--api-key main` is not the parent `org/main`, nor the field `models`; `--api-key 2024` is not `seed: 2024`:
+    a number is not a secret's text by chance, and refusing it would refuse ordinary jobs). Refused naming the
+    field and which secret it holds, never showing it, before any other check may repeat the value."""
     if not isinstance(body, Mapping):
         return  # `check_job` refuses it (its message shows no value)
     for what, secret, advice in (("the service's API key", api_key, "send the API key only as the `X-API-Key` header"),
@@ -615,25 +616,26 @@ def refuse_secrets(body: Any, *, api_key: str | None, token: str | None) -> None
 
 
 def secret_in_field(key: Any, value: Any, secret: str) -> bool:
-    """Whether the field `key: value` of a job holds `secret` as `refuse_secrets` looks for it."""
+    """Whether the field `key: value` of a job holds `secret` as `refuse_secrets` looks for it. The field's own name
+    is one of the job's keys (`check_job` refuses any other): only a long secret is looked for in it."""
     if is_long_secret(secret):
-        return any(secret in text for text in (str(key), *texts_in(value, keys=True)))
-    return any(text == secret for text in texts_in(value, keys=False))
+        return any(secret in text for text in (str(key), *texts_in(value, numbers=True)))
+    return any(text == secret for text in texts_in(value, numbers=False))
 
 
-def texts_in(value: Any, *, keys: bool) -> Iterator[str]:
-    """Every string and number (as its text: a numeric secret sent unquoted) in `value`, however deep; the keys of
-    its mappings too when `keys`."""
+def texts_in(value: Any, *, numbers: bool) -> Iterator[str]:
+    """Every string in `value`, however deep, the keys of its mappings included; its numbers too (as their text: a
+    numeric secret sent unquoted) when `numbers`."""
     pending = [value]
     while pending:
         item = pending.pop()
         if isinstance(item, str):
             yield item
         elif isinstance(item, (int, float)) and not isinstance(item, bool):
-            yield str(item)
+            if numbers:
+                yield str(item)
         elif isinstance(item, Mapping):
-            if keys:
-                pending.extend(item.keys())
+            pending.extend(item.keys())  # a number only when `numbers` (a YAML key may be one)
             pending.extend(item.values())
         elif isinstance(item, (list, tuple)):
             pending.extend(item)

@@ -96,17 +96,16 @@ class JobCancelled(BaseException):
 class Reporter:
     """The worker's side of the pipe: phases (monotonic), log lines (token scrubbed) and the cancel flag."""
 
-    def __init__(self, conn: Any, token: str | None, calibrates: bool, pushes: bool) -> None:
+    def __init__(self, conn: Any, token: str | None, calibrates: bool, *, asks_before_push: bool) -> None:
         self.conn = conn
         self.token = token
         self.calibrates = calibrates
-        self.pushes = pushes
         self.cancel = threading.Event()
         self.pushing = False  # the push has begun (repo created, one commit): it completes, a cancel waits it out
         self.push_asked = False  # ("pushing",) was sent: the answer ("push" or "no-push") is awaited once
         # Whether something reads the web process's answers (`watch_pipe`, started by `main`): without a reader no
-        # answer can arrive, and the push begins unasked, as before the question existed.
-        self.asks_before_push = False
+        # answer can arrive, and the push begins unasked. Required, so that no new caller pushes unasked by default.
+        self.asks_before_push = asks_before_push
         self.push_answered = threading.Event()
         self.push_granted = False
         self.push_refused = False  # the scheduler answered "no-push": stopped before any upload
@@ -276,8 +275,7 @@ def main(conn: Any, job_id: str, request: dict[str, Any]) -> None:
     job = JobRequest.from_stored(request)
     needs_data = job.recipe.refit in REFITTING or (job.recipe.refit == "auto" and bool(job.recipe.calibration)) \
         or _needs_calibration(job)
-    reporter = Reporter(conn, token, calibrates=needs_data, pushes=bool(job.recipe.push_to_hub))
-    reporter.asks_before_push = True  # `watch_pipe` reads the scheduler's answer
+    reporter = Reporter(conn, token, calibrates=needs_data, asks_before_push=True)  # `watch_pipe` reads the answers
     threading.Thread(target=watch_pipe, args=(conn, reporter), daemon=True, name="pipe-watch").start()
     logger = logging.getLogger("hf_mudsc")
     logger.setLevel(logging.INFO)
@@ -287,17 +285,23 @@ def main(conn: Any, job_id: str, request: dict[str, Any]) -> None:
         with checked_rename(reporter.before_rename):
             result = dry_run_plan(job, token) if job.dry_run else run_merge(job, token, reporter)
     except JobCancelled:
-        said = "cancelled on request; nothing was written or pushed"
-        if reporter.push_refused:  # the cancel came as the push was about to begin: the model may be written
-            said = ("cancelled on request before its push began; nothing was pushed"
-                    + (" (the merged model was written to its output)" if job.output else ""))
-        reporter.send(("done", "cancelled", said, None))
+        reporter.send(("done", "cancelled", cancelled_said(job, reporter.push_refused), None))
     except Exception as error:  # noqa: BLE001 - any failure of the job is reported, the worker exits
         report_failure(reporter, error)
     else:
         reporter.send(("done", "succeeded", None, result))
     finally:
         conn.close()
+
+
+def cancelled_said(job: JobRequest, push_refused: bool) -> str:
+    """What a cancelled job says. Refused its push (a cancel came first), the job stopped inside the writer's staged
+    output (`publish.writer.publish` pushes before the folder is moved into place): the staged folder was deleted,
+    so the output is as it was before the job (absent, or an overwritten folder's old model) — never "written"."""
+    if not push_refused:
+        return "cancelled on request; nothing was written or pushed"
+    said = "cancelled on request before its push began; nothing was written or pushed"
+    return said + (f"; the output folder {str(job.output)!r} is as before" if job.output else "")
 
 
 def causes(error: BaseException) -> Iterator[BaseException]:
