@@ -80,7 +80,7 @@ def test_figures(model: Any, tests: Sequence[tuple[torch.Tensor, torch.Tensor]])
         logits = model(pixel_values=pixels).logits
         low, high = ranges[k]
         out[f"task_{k}"] = 100 * float((logits[:, low:high].argmax(-1) == labels).double().mean())
-        hits += int((hf_mudsc.joint_probabilities(logits, model.config).argmax(-1) == labels + low).sum())
+        hits += int((hf_mudsc.joint_predictions(logits, model.config) == labels + low).sum())
         total += len(labels)
     out["joint"] = 100 * hits / total
     return out

@@ -256,7 +256,7 @@ def run_three_parents(args: argparse.Namespace, width: int, split_index: int,
     """Three digit ViTs from three seeds (different inits), one per class set, merged into one model with the
     three heads concatenated. Per task: argmax within the task's slice on its test images; joint: argmax over all
     ten classes on all three test sets, by the raw argmax (`joint`) and by each task's softmax first
-    (`joint_per_task`, `hf_mudsc.joint_probabilities`: the evaluation's default rule). Ensemble: the three parents
+    (`joint_per_task`, `hf_mudsc.joint_predictions`: the evaluation's default rule). Ensemble: the three parents
     run, argmax over their concatenated logits ("ensemble"), or over their concatenated per-head softmax
     ("ensemble (softmax)": its `joint` is the per-task rule)."""
     from hf_mudsc.apply.classifier import task_ranges
@@ -282,8 +282,8 @@ def run_three_parents(args: argparse.Namespace, width: int, split_index: int,
             return torch.cat([model(pixel_values=images[i:i + 256]).logits for i in range(0, len(images), 256)])
 
     def figures(logits: torch.Tensor, slices: Sequence[tuple[int, int]]) -> dict[str, float]:
-        row = {"joint_per_task": float((hf_mudsc.joint_probabilities(logits, {str(i): list(s) for i, s in
-                                                                             enumerate(slices)}).argmax(1)
+        row = {"joint_per_task": float((hf_mudsc.joint_predictions(logits, {str(i): list(s) for i, s in
+                                                                            enumerate(slices)})
                                         == labels).float().mean())}
         for i, (lo, hi) in enumerate(slices):
             mine = owner == i
@@ -666,7 +666,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "Accuracy in % (mean ± std over pairs). Task A/B: argmax within the task's classes on its test "
         "split; avg: their mean; joint: one label among all 10 classes on both test splits, decided by each "
-        "task's softmax then the argmax (`hf_mudsc.joint_probabilities`; the rule of the ensemble and, since "
+        "task's softmax then the argmax (`hf_mudsc.joint_predictions`; the rule of the ensemble and, since "
         "2026-11-30, of every merged model — before, merged models were scored by the raw argmax: "
         "docs/benchmarks/joint_rules.md). Parents are scored on their own task (their joint figure: a "
         "single-task model answering the joint test).",

@@ -6,7 +6,7 @@ The joint test asks a model with every task's labels to pick one label among all
 
 * `raw` — the argmax over the concatenated logits (what `transformers`' pipeline does with a merged model);
 * `per_task` — each task's softmax over its own slice, concatenated, then the argmax
-  (`hf_mudsc.joint_probabilities`; the ensemble's rule, and what `hf_mudsc.evaluate_merge` scores).
+  (`hf_mudsc.joint_predictions`; the ensemble's rule, and what `hf_mudsc.evaluate_merge` scores).
 
 For each different-init digit ViT pair of the quality benchmark (`common.different_init_pair`, cached) the
 library's default merge (`hf_mudsc.merge` with no option set) and the parents' ensemble are scored under both rules
@@ -32,6 +32,7 @@ import common
 import torch
 
 import hf_mudsc
+from hf_mudsc.apply.classifier import per_task_log_probabilities
 
 RULES = ("raw", "per_task")
 
@@ -46,7 +47,8 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def decide(concatenated: torch.Tensor, ranges: dict[str, list[int]], rule: str) -> torch.Tensor:
-    return concatenated if rule == "raw" else hf_mudsc.joint_probabilities(concatenated, ranges)
+    # per_task: the rule's per-task log-probabilities (argmax = hf_mudsc.joint_predictions; confident tasks never tie)
+    return concatenated if rule == "raw" else per_task_log_probabilities(concatenated, list(ranges.values()))
 
 
 def measure(width: int, split: int, classes: common.Classes) -> dict[str, Any]:

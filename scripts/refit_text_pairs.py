@@ -271,7 +271,7 @@ def refits(parents: Sequence[Any], calibration: list[dict[str, Any]], *, shifted
 
 def task_scores(model: Any, parents: Sequence[Any], tests: Sequence[tuple[dict, torch.Tensor]]) -> dict[str, float]:
     """Per-task (argmax in the task's slice of the concatenated head) and joint accuracy, %: `joint` by each task's
-    softmax, concatenated (`hf_mudsc.joint_probabilities`, the library's evaluation rule), `joint_raw` by the argmax
+    softmax, concatenated (`hf_mudsc.joint_predictions`, the library's evaluation rule), `joint_raw` by the argmax
     over the raw concatenated logits."""
     sizes = [p.config.num_labels for p in parents]
     offsets = [sum(sizes[:k]) for k in range(len(sizes))]
@@ -281,7 +281,7 @@ def task_scores(model: Any, parents: Sequence[Any], tests: Sequence[tuple[dict, 
         z = logits_of(model, [inputs])
         part = z[:, offsets[k]:offsets[k] + sizes[k]]
         out[f"task_{k}"] = 100 * float((part.argmax(1) == labels).double().mean())
-        joint_hits += int((hf_mudsc.joint_probabilities(z, ranges).argmax(1) == labels + offsets[k]).sum())
+        joint_hits += int((hf_mudsc.joint_predictions(z, ranges) == labels + offsets[k]).sum())
         raw_hits += int((z.argmax(1) == labels + offsets[k]).sum())
         total += len(labels)
     out["joint"] = 100 * joint_hits / total

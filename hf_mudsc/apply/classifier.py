@@ -291,3 +291,26 @@ def per_task_softmax(logits: torch.Tensor, ranges: Sequence[tuple[int, int]]) ->
         raise ValueError(f"task ranges cover {end} labels but the logits have {logits.shape[-1]}; pass the "
                          "logits of the model whose config the ranges come from")
     return torch.cat([logits[..., lo:hi].softmax(-1) for lo, hi in bounds], dim=-1)
+
+
+def per_task_log_probabilities(logits: torch.Tensor, ranges: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Each task's log-softmax over its `[lo, hi)` slice (the slices tile the labels), concatenated: the per-task
+    rule's decision. Its argmax is `per_task_softmax`'s in exact arithmetic, but a confident head's maximum is not
+    rounded away: past a logit margin of about 17 a float32 softmax's maximum is exactly 1.0, so two confident tasks
+    tied and the row went to the first task (`log_probabilities`, in float64, keeps them apart to a margin of ~700)."""
+    bounds = sorted((int(lo), int(hi)) for lo, hi in ranges)
+    if not bounds:
+        return log_probabilities(logits)
+    per_task_softmax(logits.new_zeros(logits.shape[-1]), bounds)  # its tiling check, on one row of zeros
+    return torch.cat([log_probabilities(logits[..., lo:hi]) for lo, hi in bounds], dim=-1)
+
+
+def log_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """The log-softmax over the last axis, its maximum as `-log1p(sum of the others' exp(z - max))`: torch's
+    `log_softmax` takes `log(1 + tiny)`, which is 0 in float32 past a margin of about 17, as the softmax is 1.0.
+    In float64 (the exp of a margin underflows only past ~700; in float32 already past ~87-103, where two confident
+    tasks would tie again)."""
+    logits = logits.to(torch.float64)
+    shifted = logits - logits.max(-1, keepdim=True).values
+    others = shifted.exp().scatter(-1, shifted.argmax(-1, keepdim=True), 0.0).sum(-1, keepdim=True)
+    return shifted - torch.log1p(others)

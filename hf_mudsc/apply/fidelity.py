@@ -7,7 +7,8 @@ statistics), and the merged model is scored on the held-out examples against its
 * with a classifier: the mean of each task's agreement (the argmax of the merged model's slice of that parent's
   classes against the parent's argmax) and the joint agreement (the merged model's joint decision against the
   ensemble's — each parent's softmax, concatenated, or averaged when the heads share one label set; a concatenated
-  merged head decides by each task's softmax too, `classifier.per_task_softmax`, the evaluation's rule);
+  merged head decides by each task's softmax too, as log-probabilities, `classifier.per_task_log_probabilities`,
+  the evaluation's rule);
 * a multi-label head (problem_type "multi_label_classification", a sigmoid per label): the share of labels
   decided alike (logit > 0) and, for the log-likelihood, the per-label Bernoulli term; it takes part in no softmax
   decision (a shift of its logits flips labels that a softmax over them would not see);
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_mudsc.apply.classifier import per_task_softmax
+from hf_mudsc.apply.classifier import log_probabilities, per_task_log_probabilities
 from hf_mudsc.calibrate.layer_inputs import run_forward
 
 #: The balance factors `alpha="auto"` tries (the research's grid; the paper's default 0.5 in the middle).
@@ -267,8 +268,9 @@ class FidelityScorer:
                                                                  self.multi_label)]
         if all(self.softmax_tasks):  # the joint decision: only single-label classification heads have one
             if self.task_sizes:
-                ensemble = torch.cat([target.softmax(1) for target in self.targets], dim=1)
-                decided = per_task_softmax(out, self.task_ranges)
+                # log-probabilities: two confident tasks' float32 softmax maxima both round to 1.0 and tie
+                ensemble = torch.cat([log_probabilities(target) for target in self.targets], dim=1)
+                decided = per_task_log_probabilities(out, self.task_ranges)
             else:
                 ensemble = sum(parent.softmax(1) for parent in self.parents) / len(self.parents)
                 decided = out

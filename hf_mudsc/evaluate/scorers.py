@@ -2,7 +2,7 @@
 
 * **merged** models: their logits; a concatenated head (different label sets) decides jointly by the
   `joint_rule` (`names.JOINT_RULES`): each task's softmax, concatenated (`per_task`, the default; decided by its
-  log, `decision.per_task_log_probabilities`, why: `decision`'s docstring), or the raw logits (`raw`) — the
+  log, `apply.classifier.per_task_log_probabilities`, why: `decision`'s docstring), or the raw logits (`raw`) — the
   ensemble's rule too.
 * **parent A / B / C ...** (N >= 2 parents, merge order): when the parents have different label sets, a
   parent scores only its own classes (its slice holds its logits, every other class ``-inf``). It is scored per
@@ -33,9 +33,9 @@ from typing import Any
 
 import torch
 
+from hf_mudsc.apply.classifier import per_task_log_probabilities
 from hf_mudsc.calibrate.layer_inputs import FORWARD_ERRORS
 from hf_mudsc.errors import EvaluationError, first_line
-from hf_mudsc.evaluate.decision import per_task_log_probabilities
 from hf_mudsc.evaluate.names import ENSEMBLE, check_prompt_templates, parent_names
 from hf_mudsc.evaluate.tasks import LabelLayout
 
@@ -118,8 +118,9 @@ def _logits(model: Any, inputs: ModelInputs, cache: dict[int, torch.Tensor],
 
 
 def _decided(logits: torch.Tensor, layout: LabelLayout, joint_rule: str) -> torch.Tensor:
-    """A concatenated head's scores under the joint rule (`names.JOINT_RULES`); `per_task` as log-probabilities, which
-    decide as the probabilities do but keep two confident tasks apart (`decision.per_task_log_probabilities`)."""
+    """A concatenated head's scores under the joint rule (`names.JOINT_RULES`); `per_task` as log-probabilities,
+    which decide as the probabilities do but keep two confident tasks apart
+    (`apply.classifier.per_task_log_probabilities`)."""
     return logits if joint_rule == "raw" else per_task_log_probabilities(logits, list(layout.ranges.values()))
 
 
