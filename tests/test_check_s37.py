@@ -179,3 +179,19 @@ def test_joint_predictions_refuse_heads_without_a_softmax_naming_themselves():
                    BertConfig(num_labels=2, problem_type="multi_label_classification")):
         with pytest.raises(EvaluationError, match=r"^joint_predictions has no rule for a "):
             hf_mudsc.joint_predictions(torch.zeros(1, config.num_labels), config)
+
+
+def test_the_held_out_joint_agreement_tells_confident_heads_apart():
+    """FidelityScorer([A, B], rows, task_sizes=[2, 2]) of a merge deciding task b on a row where A's logits are
+    [40, 0] and B's [0, 60] (the scorer's float64 softmax maxima both 1.0, past a margin of ~37): the ensemble's joint
+    choice tied and went to task a, so the merge that agrees with it by the rule scored 2/3 instead of 1 (alpha auto,
+    the refit gate and the average check read this score)."""
+    from test_eval_s34 import controlled, rows
+
+    from hf_mudsc.apply.fidelity import FidelityScorer
+
+    parent_a = controlled(["x", "y"], [[40.0, 0.0]])
+    parent_b = controlled(["p", "q"], [[0.0, 60.0]])
+    merged = controlled(["a: x", "a: y", "b: p", "b: q"], [[5.0, 0.0, 0.0, 60.0]])
+    scorer = FidelityScorer([parent_a, parent_b], [rows([0, 0])], task_sizes=[2, 2], mask_key="attention_mask")
+    assert scorer(merged) == 1.0
