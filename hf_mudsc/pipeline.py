@@ -804,10 +804,8 @@ def merge(
         # The solve's first start decides alone when it already leaves most units in place (methods.auto); else
         # the solve runs, at the α handed (alpha="auto" searches once decided), and its merge is kept if it wins.
         # After a pair's solve moved most units, the solve over every parent decides (as the reason says).
-        start_share = None if pair_overturned else _start_in_place(merge_method, context)
-        first_start = start_share is not None and units_correspond(start_share)
-        if first_start:
-            _log_start_decided(merge_method, start_share)
+        start_share = None if pair_overturned else _start_decides(merge_method, context)
+        first_start = start_share is not None
         result = None if first_start else merge_method.merge_parameters(context)
         in_place = start_share if result is None else share_in_place(result.matches)
         final, choice_reason = confirm_choice(*unconfirmed, merge_method, in_place, relation.weight_distance,
@@ -1270,18 +1268,22 @@ def _pair_in_place(checker: MergeMethod, models: Sequence[PreTrainedModel],
         batches=None, correlations=correlations_from(accumulators, constants=not options.reference_compat),
         concatenate_classifier=concatenate,
         options=dataclasses.replace(options, weights=[1.0, 1.0]), device=str(device), progress=progress)
-    start_share = _start_in_place(checker, context)
-    if start_share is not None and units_correspond(start_share):
-        _log_start_decided(checker, start_share)
+    start_share = _start_decides(checker, context)
+    if start_share is not None:
         return start_share, examples, True
     return share_in_place(checker.merge_parameters(context).matches), examples, False
 
 
-def _log_start_decided(checker: MergeMethod, share: float) -> None:
-    """Say that the check's first start settled it (the service's progress reads this line as the solve's end:
-    `serve.worker.PHASE_MARKS`)."""
+def _start_decides(checker: MergeMethod, context: MethodContext) -> float | None:
+    """The share of units `checker`'s first start leaves in place (`_start_in_place`) when that alone says the units
+    correspond — said in a log line, which the service's progress reads as the solve's end
+    (`serve.worker.PHASE_MARKS`) — else None: the solve decides."""
+    share = _start_in_place(checker, context)
+    if share is None or not units_correspond(share):
+        return None
     logger.info("%s %s leaves %.1f%% of units in place, so the units correspond", CHECK_NEEDS_NO_SOLVE,
                 check_solved_by(checker.name, first_start=True), 100 * share)
+    return share
 
 
 def _start_in_place(checker: MergeMethod, context: MethodContext) -> float | None:
