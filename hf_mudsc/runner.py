@@ -107,16 +107,11 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
                                                base=recipe.base, found_base=found_base, base_view=base_view)
         return opened["choice"].streams
 
-    def check_found_base(reference: str) -> None:  # a base the cards name is an input too, as one given
-        if output is not None:
-            check_output_around_base(output, recipe, reference, recipe_file)
-        check_push_target(recipe.override(base=reference))
-
     parents, base, _ = load_parents_and_base(
         recipe.models, recipe.base, token=token, allow_pickle=recipe.allow_pickle,
         base_needed_for=recipe.method if chosen is not None and chosen.needs_base_model else None, lazy=lazy,
         check_config=check_config, choose_loading=choose_loading if chosen is None else None,
-        found_base=check_found_base,
+        found_base=lambda reference: check_found_base(recipe, reference, output, recipe_file),
         before_weights=open_calibration if reads_data or recipe.refit in REFITTING or (
             recipe.refit == "auto" and recipe.calibration is not None) else None)
     if base is not None and base_origin is not None:
@@ -169,6 +164,15 @@ def check_output_around_base(output: Path, recipe: Recipe, base: str, recipe_fil
     folder (or the Hub cache it is read from) is an input the output may not be equal to, inside or around, exactly as
     for a base given with --base. The merge refuses so before any weights are read, its dry run after its plan."""
     check_output(output, overwrite=recipe.overwrite, inputs=recipe.override(base=base).inputs(recipe_file), flag=flag)
+
+
+def check_found_base(recipe: Recipe, base: str, output: Path | None, recipe_file: str | None = None) -> None:
+    """A base the parents' model cards name (`recipe.base` unset) is an input too, as one given: the `output` (None:
+    none is written) may not be equal to, inside or around it (`check_output_around_base`) and the push may not
+    replace its repo (`check_push_target`) — for the merge, its dry run and the service's alike."""
+    if output is not None:
+        check_output_around_base(output, recipe, base, recipe_file)
+    check_push_target(recipe.override(base=base))
 
 
 def check_before_dry_run(recipe: Recipe, recipe_file: str | None = None) -> list[str]:

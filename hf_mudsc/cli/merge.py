@@ -35,7 +35,7 @@ from hf_mudsc.publish.recipe import (
     warn_given_processor,
     yaml_value,
 )
-from hf_mudsc.runner import check_before_dry_run, check_output_around_base, check_push_target, execute
+from hf_mudsc.runner import check_before_dry_run, check_found_base, execute
 
 logger = logging.getLogger(__name__)
 
@@ -166,10 +166,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"hf-mudsc merge: error: {escaped(hide_tokens(hub_error_line(error)))}", file=sys.stderr)
             return 1
         if plan.base_source is not None and recipe.base is None:  # the base the cards name: an input too
-            if recipe.output:
-                check_output_around_base(Path(recipe.output).expanduser().absolute(), recipe, plan.base,
-                                         getattr(args, "recipe", None))
-            check_push_target(recipe.override(base=plan.base))
+            check_found_base(recipe, plan.base, Path(recipe.output).expanduser().absolute() if recipe.output else None,
+                             getattr(args, "recipe", None))
         plan.warnings += notes
         print(plan)
         return 0

@@ -61,8 +61,7 @@ from hf_mudsc.load.references import EscapedControls, hide_tokens
 from hf_mudsc.option_values import CHECK_NEEDS_NO_SOLVE
 from hf_mudsc.options import REFITTING
 from hf_mudsc.publish.folder import checked_rename, weights_fingerprint
-from hf_mudsc.publish.recipe import check_push_target
-from hf_mudsc.runner import push_not_checked
+from hf_mudsc.runner import check_found_base, push_not_checked
 from hf_mudsc.serve import mask_token
 from hf_mudsc.serve.jobs import JobRequest
 
@@ -368,7 +367,7 @@ def dry_run_plan(job: JobRequest, token: str | None) -> dict[str, Any]:
     plan = hf_mudsc.merge(list(recipe.models), recipe.calibration, **{**recipe.keywords(), "dry_run": True},
                           token=token, progress=False)
     if plan.base_source is not None and recipe.base is None:  # the base the cards name is an input too, as the
-        check_push_target(recipe.override(base=plan.base))  # CLI's dry run and the job itself refuse it
+        check_found_base(recipe, plan.base, None)  # CLI's dry run and the job itself refuse it (no output written)
     if recipe.push_to_hub:  # the repo is looked up when the merge runs, not by its dry run
         plan.warnings.append(push_not_checked(recipe.push_to_hub))
     plan.warnings[:0] = [w for w in job.warnings if w not in plan.warnings]  # the request's own (`parse_job`)
