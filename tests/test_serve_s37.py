@@ -334,7 +334,7 @@ def test_a_full_disk_while_downloading_a_parent_is_a_disk_failure_not_an_unreach
     assert "/srv/hf-cache" not in error and "free space" in error
 
 
-@pytest.mark.parametrize(("number", "advice"), [(30, "writable"), (122, "quota")])  # EROFS, EDQUOT
+@pytest.mark.parametrize(("number", "advice"), [(30, "writable"), (122, "raise the quota")])  # EROFS, EDQUOT
 def test_a_read_only_or_over_quota_disk_gets_advice_that_fits_it(number, advice):
     """A job failing on EROFS (or EDQUOT) was told "ask the operator to free space": no space was missing."""
     import errno
@@ -393,15 +393,18 @@ def _worker_side(child, reporter) -> None:
 
 def _pushing_worker(child, reporter) -> None:
     """The worker from the publish phase on: its first Hub record begins the push; then it is done."""
-    from hf_mudsc.serve.worker import ForwardHandler, JobCancelled
+    from types import SimpleNamespace
+
+    from hf_mudsc.serve.worker import ForwardHandler, JobCancelled, cancelled_said
 
     handler = ForwardHandler(reporter)
     reporter.enter("publish")
     try:
         handler.emit(logging.LogRecord("hf_mudsc.publish.hub", logging.INFO, __file__, 1,
                                        "waiting for the Hub: creating the repo 'me/merged'", (), None))
-    except JobCancelled:
-        reporter.send(("done", "cancelled", "cancelled on request; nothing was pushed", None))
+    except JobCancelled:  # what the worker's main says (`cancelled_said`), for a job writing no output
+        reporter.send(("done", "cancelled", cancelled_said(SimpleNamespace(output=None), reporter.push_refused),
+                       None))
     else:
         reporter.send(("done", "succeeded", None, {"repo_id": "me/merged"}))
     import os
@@ -443,7 +446,8 @@ def test_a_cancel_sent_as_the_push_begins_either_stops_it_before_any_upload_or_i
         run.timer.cancel()
     job = store.get(job_id)
     if cancel_first:  # accepted: the push never started
-        assert job["status"] == "cancelled" and "nothing was pushed" in job["error"], job
+        assert job["status"] == "cancelled" and "before its push began; nothing was written or pushed" in job[
+            "error"], job
     else:  # the push began: the cancel is refused (409), the job succeeds
         with pytest.raises(PushUnderway):
             scheduler.cancel(job_id)

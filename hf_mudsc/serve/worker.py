@@ -107,7 +107,6 @@ class Reporter:
         self.asks_before_push = asks_before_push
         self.push_answered = threading.Event()
         self.push_granted = False
-        self.push_refused = False  # the scheduler answered "no-push": stopped before any upload
         self.phase: str | None = None
         self.batches = 0
         self.pass_batches = 0  # batches in the current phase after calibration (PASS_ENDS)
@@ -176,8 +175,13 @@ class Reporter:
         if self.push_granted:
             self.pushing = True
         else:
-            self.push_refused = True
             self.cancel.set()
+
+    @property
+    def push_refused(self) -> bool:
+        """The push was asked and not granted (the scheduler answered "no-push", or no answer could come): the job
+        stopped before any upload."""
+        return self.push_asked and self.asks_before_push and not self.push_granted
 
     def answer_push(self, granted: bool) -> None:
         """The scheduler's answer to ("pushing",) (`receive`)."""
