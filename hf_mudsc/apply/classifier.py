@@ -276,8 +276,9 @@ def task_ranges(config: PretrainedConfig) -> dict[str, tuple[int, int]]:
     return ordered
 
 
-def per_task_softmax(logits: torch.Tensor, ranges: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """`logits` (..., labels) with each `[lo, hi)` slice replaced by its softmax; the slices must tile the labels."""
+def tiled_bounds(ranges: Sequence[tuple[int, int]], labels: int) -> list[tuple[int, int]]:
+    """The `[lo, hi)` task slices in label order, refused in one line unless they tile the `labels` (an empty list:
+    no task ranges, one slice of every label)."""
     bounds = sorted((int(lo), int(hi)) for lo, hi in ranges)
     end = 0
     for lo, hi in bounds:
@@ -285,11 +286,17 @@ def per_task_softmax(logits: torch.Tensor, ranges: Sequence[tuple[int, int]]) ->
             raise ValueError(f"task ranges {list(ranges)} overlap or leave gaps; each task needs its own "
                              "contiguous slice of the labels")
         end = hi
+    if bounds and end != labels:
+        raise ValueError(f"task ranges cover {end} labels but the logits have {labels}; pass the "
+                         "logits of the model whose config the ranges come from")
+    return bounds
+
+
+def per_task_softmax(logits: torch.Tensor, ranges: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """`logits` (..., labels) with each `[lo, hi)` slice replaced by its softmax; the slices must tile the labels."""
+    bounds = tiled_bounds(ranges, logits.shape[-1])
     if not bounds:
         return logits.softmax(-1)
-    if end != logits.shape[-1]:
-        raise ValueError(f"task ranges cover {end} labels but the logits have {logits.shape[-1]}; pass the "
-                         "logits of the model whose config the ranges come from")
     return torch.cat([logits[..., lo:hi].softmax(-1) for lo, hi in bounds], dim=-1)
 
 
@@ -298,10 +305,9 @@ def per_task_log_probabilities(logits: torch.Tensor, ranges: Sequence[tuple[int,
     rule's decision. Its argmax is `per_task_softmax`'s in exact arithmetic, but a confident head's maximum is not
     rounded away: past a logit margin of about 17 a float32 softmax's maximum is exactly 1.0, so two confident tasks
     tied and the row went to the first task (`log_probabilities`, in float64, keeps them apart to a margin of ~700)."""
-    bounds = sorted((int(lo), int(hi)) for lo, hi in ranges)
+    bounds = tiled_bounds(ranges, logits.shape[-1])
     if not bounds:
         return log_probabilities(logits)
-    per_task_softmax(logits.new_zeros(logits.shape[-1]), bounds)  # its tiling check, on one row of zeros
     return torch.cat([log_probabilities(logits[..., lo:hi]) for lo, hi in bounds], dim=-1)
 
 

@@ -96,7 +96,7 @@ def head_ranges(config: Any, caller: str) -> list[tuple[int, int]]:
     return [tuple(bounds) for bounds in config.values()]
 
 
-def refuse_non_softmax_head(config: Any, caller: str = "joint_probabilities") -> None:
+def refuse_non_softmax_head(config: Any, caller: str) -> None:
     """Refuse a head whose outputs are read without a softmax (`load.checks`' rules, as `evaluate` refuses them):
     `caller` (`joint_probabilities`, `joint_predictions`) would return numbers that are not the model's."""
     if is_multi_label_head(config):
