@@ -152,8 +152,9 @@ class UnmergeableModelError(MergeInputError):
 
 # Disk failures the user fixes outside the tool, said in one line (the CLI's `disk_failure`, a service job's error):
 # a plain OSError, or safetensors' SafetensorError ("... No space left on device (os error 28)", no OSError) while
-# the weights are written.
-DISK_FAILURES = {errno.ENOSPC: "no space left on device", getattr(errno, "EDQUOT", -1): "disk quota exceeded",
+# the weights are written. EDQUOT: the disk-quota errno where the platform has one (-1, which no error carries).
+EDQUOT = getattr(errno, "EDQUOT", -1)
+DISK_FAILURES = {errno.ENOSPC: "no space left on device", EDQUOT: "disk quota exceeded",
                  errno.EROFS: "read-only file system", errno.EIO: "input/output error"}
 OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")
 

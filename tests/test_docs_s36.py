@@ -389,7 +389,7 @@ def test_transformers_imported_by_a_command_line_run_keeps_bars_off_under_the_us
     monkeypatch.setattr(transformers.utils.logging, "_tqdm_active", True)  # put back after the test
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "Cannot enable progress bars" warning either
-        restore_library_bars({}, None, None, None, {"HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        restore_library_bars({}, None, None, {"HF_HUB_DISABLE_PROGRESS_BARS": "1",
                                                     "HF_DATASETS_DISABLE_PROGRESS_BARS": None})
     assert not transformers.utils.logging.is_progress_bar_enabled()
     assert hub_tqdm.progress_bar_states == {}

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 from hf_mudsc._version import __version__
-from hf_mudsc.errors import PushInterrupted, SpecError, UsageError, brief, disk_error, escaped
+from hf_mudsc.errors import EDQUOT, PushInterrupted, SpecError, UsageError, brief, disk_error, escaped
 from hf_mudsc.load.references import EscapedControls, HiddenCredentials, clean_token, hide_tokens
 from hf_mudsc.options import closest_names
 
@@ -178,10 +178,10 @@ def library_bars_restored() -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        restore_library_bars(hub_states, transformers_on, datasets, datasets_on, variables)
+        restore_library_bars(hub_states, transformers_on, datasets_on, variables)
 
 
-def restore_library_bars(hub_states: dict[str, bool] | None, transformers_on: bool | None, datasets_before: Any,
+def restore_library_bars(hub_states: dict[str, bool] | None, transformers_on: bool | None,
                          datasets_on: bool | None, variables: dict[str, str | None]) -> None:
     """The libraries' switches back as `library_bars_restored` found them; a library first imported during the
     command gets what it would have had imported after it: transformers the Hub's switch, datasets its variable's."""
@@ -207,7 +207,7 @@ def restore_library_bars(hub_states: dict[str, bool] | None, transformers_on: bo
     datasets = sys.modules.get("datasets")
     if datasets is None:
         return
-    if datasets_before is None:  # imported during the command, its variable then set: read as the user has it
+    if datasets_on is None:  # imported during the command, its variable then set: read as the user has it
         datasets_tqdm = sys.modules.get("datasets.utils.tqdm")
         user = variables["HF_DATASETS_DISABLE_PROGRESS_BARS"]
         if datasets_tqdm is not None and user is None:
@@ -259,7 +259,7 @@ def disk_failure(error: BaseException, command: str | None) -> str | None:
         if number == errno.EROFS:
             fix = f"choose a writable {flag}" if flag else "use a folder on a writable disk"
         else:
-            quota = " (or raise the quota)" if number == getattr(errno, "EDQUOT", -1) else ""
+            quota = " (or raise the quota)" if number == EDQUOT else ""
             fix = f"free space{' on its disk' if where else ''}{quota}{f', or choose another {flag}' if flag else ''}"
     claim = "; nothing was left half-written" if command in STAGED_WRITES else ""
     return f"hf-mudsc {command}: error: {line}{claim}; {fix}"

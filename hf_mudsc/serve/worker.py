@@ -55,7 +55,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from hf_mudsc.errors import PushError, disk_error
+from hf_mudsc.errors import EDQUOT, PushError, disk_error
 from hf_mudsc.load.hub_calls import hub_error_line
 from hf_mudsc.load.references import EscapedControls, hide_tokens
 from hf_mudsc.option_values import CHECK_NEEDS_NO_SOLVE
@@ -324,7 +324,7 @@ def disk_failure_line(number: int, what: str) -> str:
     if number == errno.EIO:
         return f"{what} on the service's disk: {ask} check that disk, then resubmit the job"
     fix = {errno.EROFS: "put the service's output root (--output-root) and Hub cache (HF_HOME) on a writable disk",
-           getattr(errno, "EDQUOT", -1): "free space or raise the quota"}.get(number, "free space")
+           EDQUOT: "free space or raise the quota"}.get(number, "free space")
     return (f"{what} on the service's disk while the job ran (its output, or the downloads it reads); nothing was "
             f"left half-written: {ask} {fix}, then resubmit the job")
 
