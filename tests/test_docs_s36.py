@@ -390,6 +390,6 @@ def test_transformers_imported_by_a_command_line_run_keeps_bars_off_under_the_us
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "Cannot enable progress bars" warning either
         restore_library_bars({}, None, None, {"HF_HUB_DISABLE_PROGRESS_BARS": "1",
-                                                    "HF_DATASETS_DISABLE_PROGRESS_BARS": None})
+                                                "HF_DATASETS_DISABLE_PROGRESS_BARS": None})
     assert not transformers.utils.logging.is_progress_bar_enabled()
     assert hub_tqdm.progress_bar_states == {}

@@ -272,8 +272,8 @@ def check_job(body: Any, output_root: Path, *, dry_run: bool = False, local_root
     check_hub_ids(recipe)
     check_method(recipe)
     check_device(recipe.device)
-    check_base_found(recipe, resolved)
-    if recipe.push_to_hub and (named := cards_hub_base(recipe, resolved)) is not None:
+    named = check_base_found(recipe, resolved)
+    if recipe.push_to_hub and named is not None:
         check_push_target(resolved.override(push_to_hub=recipe.push_to_hub, base=named))
     check_shapes_on_disk(resolved)
     dry_run = dry_run or flag
@@ -487,29 +487,12 @@ def cuda_devices() -> int:
         return 1 << 30  # unknown: let the worker decide
 
 
-def check_base_found(recipe: Recipe, resolved: Recipe) -> None:
+def check_base_found(recipe: Recipe, resolved: Recipe) -> str | None:
     """A method that needs the parents' base, given none, whose parents are all local folders whose model cards do
     not name one common `base_model`: refused at POST in the loader's words (`load.parents.locate_base`), as the merge
-    would refuse it before loading any weights. A Hub parent's card is the worker's to read."""
-    if recipe.base is not None or resolved.base is not None or recipe.method == AUTO:
-        return
-    if not get_method(recipe.method).needs_base_model:
-        return
-    if any(looks_local(reference) is None for reference in recipe.models):
-        return
-    if cards_hub_base(recipe, resolved) is not None:
-        return  # a Hub id every card names: the loader takes it
-    raise RecipeError(f"method {recipe.method!r} needs the parents' common base model and none was given, and the "
-                      "parents' model cards (README.md) do not name one common base_model; pass "
-                      f"{service_advice(option_hint('base'))} (a Hub id `org/name[@revision]` or a folder), or choose "
-                      'a method that needs no base (`"method": "linear"`)')
-
-
-def cards_hub_base(recipe: Recipe, resolved: Recipe) -> str | None:
-    """The Hub base the merge will take from the parents' model cards (`load.parents.locate_base`), when it can be told
-    at POST: a method that needs a base, given none, whose parents are all local folders whose cards name one common
-    `base_model` (a local folder they name is `resolved.base` already); else None (a Hub parent's card, or `auto`'s
-    choice, is the worker's to read)."""
+    would refuse it before loading any weights. Returns the Hub base those cards name, which the merge will take
+    (a local folder they name is `resolved.base` already), or None when there is none to tell at POST (a Hub parent's
+    card, or `auto`'s choice, is the worker's to read)."""
     if recipe.base is not None or resolved.base is not None or recipe.method == AUTO:
         return None
     if not get_method(recipe.method).needs_base_model:
@@ -517,7 +500,12 @@ def cards_hub_base(recipe: Recipe, resolved: Recipe) -> str | None:
     if any(looks_local(reference) is None for reference in recipe.models):
         return None
     named = [card_base_model(card_text(Path(folder))) for folder in resolved.models]
-    return named[0] if named and named[0] is not None and len(set(named)) == 1 else None
+    if named and named[0] is not None and len(set(named)) == 1:
+        return named[0]  # a Hub id every card names: the loader takes it
+    raise RecipeError(f"method {recipe.method!r} needs the parents' common base model and none was given, and the "
+                      "parents' model cards (README.md) do not name one common base_model; pass "
+                      f"{service_advice(option_hint('base'))} (a Hub id `org/name[@revision]` or a folder), or choose "
+                      'a method that needs no base (`"method": "linear"`)')
 
 
 class ConfigUnreadable(Exception):
