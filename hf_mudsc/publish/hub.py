@@ -569,8 +569,7 @@ def _published_recipe(folder: Path) -> dict[str, bytes]:
 
 def _commit(api: HfApi, repo_id: str, folder: Path, files: list[str], contents: dict[str, bytes], *,
             replace: bool, message: str, parent: str | None = None, made: list[CommitInfo] | None = None,
-            handles: dict[str, BinaryIO] | None = None, options: CommitOptions | None = None,
-            deleted: list[str] | None = None) -> CommitInfo:
+            handles: dict[str, BinaryIO] | None = None, options: CommitOptions, deleted: list[str]) -> CommitInfo:
     """One commit adding exactly `files` (the writer's; `contents` gives some of them other bytes) and, when
     `replace`, deleting every other file of the repo but `.gitattributes`, so the old model's leftovers go with it.
     `parent`: the head this push read: the commit applies only on top of it (the Hub refuses it, 412, when someone
@@ -581,7 +580,6 @@ def _commit(api: HfApi, repo_id: str, folder: Path, files: list[str], contents: 
     is raised. `handles`: the files as `pinned_files` opened them, uploaded from these (never opened again by name:
     the folder may have been replaced since). `options`: the description, branch and pull request of the commit.
     `deleted` receives the names of the files the commit deletes."""
-    options = options or CommitOptions()
     def source(name: str) -> bytes | BinaryIO | Path:
         if name in contents:
             return contents[name]
@@ -609,8 +607,7 @@ def _commit(api: HfApi, repo_id: str, folder: Path, files: list[str], contents: 
                        else " (--overwrite)" if options.branch == "main" else f" (on the branch {options.branch!r})",
                        ", ".join(stale[:10]) + (f" and {len(stale) - 10} more" if len(stale) > 10 else ""))
     deletes = [CommitOperationDelete(path_in_repo=name, is_folder=False) for name in stale]
-    if deleted is not None:
-        deleted[:] = stale
+    deleted[:] = stale
     with interrupts_deferred():
         commit = api.create_commit(repo_id=repo_id, operations=[*deletes, *adds], commit_message=message,
                                    commit_description=options.description, revision=options.branch,
@@ -757,12 +754,11 @@ def _quiet_no_op_commit() -> Iterator[None]:
 
 
 def _what_is_there(api: HfApi, repo_id: str, head_before: str | None, message: str, *, created: bool,
-                   seconds: float, options: CommitOptions | None = None, prs_before: dict[str, str] | None = None,
+                   seconds: float, options: CommitOptions, prs_before: dict[str, str] | None = None,
                    branch_created: bool = False) -> str:
     """After a failed commit, ask the Hub what the repo's head is (of the branch pushed to; with `create_pr`, its pull
     requests): the commit may have been applied although its answer was lost. A repo (or branch) this run created is
     deleted only when nothing was committed to it."""
-    options = options or CommitOptions()
     branch = options.branch
     try:
         if options.create_pr and prs_before is not None:
