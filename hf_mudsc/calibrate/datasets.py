@@ -676,11 +676,16 @@ def eight_bit(image: Any, column: str | None, role: DataRole = CALIBRATION) -> A
 def encode_texts(tokenizer: Any, texts: list[str], max_length: int | None,
                  pairs: list[str] | None = None) -> Mapping[str, Any]:
     """`texts` (with their second segments `pairs`, as the tokenizer's `text_pair`: token_type_ids as it makes them)
-    padded and cut to `max_length`, the tokenizer left as it was: a fast tokenizer's backend keeps the
+    padded on the right and cut to `max_length`, the tokenizer left as it was: a fast tokenizer's backend keeps the
     truncation and padding a call switches on, and `save_pretrained` writes them into tokenizer.json (which
-    `tokenizers` and transformers.js apply to every later input)."""
+    `tokenizers` and transformers.js apply to every later input).
+
+    Always on the right, whatever the tokenizer's `padding_side`: the encoders merged here (BERT, RoBERTa, CLIP's
+    text tower) number positions from the first token of the row, so a text padded on the left was read at shifted
+    positions, and its activations (the statistics, an evaluation's scores) depended on the batch's longest text."""
     with _backend_kept(tokenizer):
-        return tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        return tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
+                         padding_side="right")
 
 
 def token_ids_uncut(tokenizer: Any, texts: list[str]) -> list[list[int]]:
@@ -1060,6 +1065,7 @@ def _plan(columns: Sequence[str], inputs: Sequence[str], processor: Any, image_c
         use_text = texts[0] if texts else None
         looked_for = [*TEXT_COLUMNS, *("+".join(pair) for pair in TEXT_PAIR_COLUMNS)]
         _require_raw("input_ids", "text", use_text, looked_for, "text_column", tokenizer, "tokenizer", columns, role)
+        refuse_no_pad_token(tokenizer, role)
         pair = next((p for p in TEXT_PAIR_COLUMNS if given_text and len(given_text) == 1 and given_text[0] in p
                      and all(c in columns for c in p)), None)
         if pair is not None and not quiet:  # one segment of a pair: never dropped unsaid
@@ -1257,6 +1263,8 @@ def check_calibration_columns(calibration: Any, processors: Any = None, *, image
         return
     refuse_transform(calibration, role)
     calibration = all_columns_readable(calibration)  # columns named as the merge reads them (an arrow stream's rows)
+    # as the read refuses it (`resolve_calibration`): else its columns, typed null, were "null, not text"
+    _refuse_empty(calibration, loaded_from(calibration) or "dataset", role)
     name = loaded_from(calibration) or "calibration data"
     columns = column_names(calibration, name)
     refuse_no_columns(calibration, columns, name)
@@ -1343,6 +1351,18 @@ def refuse_other_image_size(image_processor: Any, model_config: Any, role: DataR
 VOCABULARY_FIX = ("resize the model's token embeddings to its tokenizer "
                   "(model.resize_token_embeddings(len(tokenizer)), then save it) or use the tokenizer it was trained "
                   "with")
+
+
+def refuse_no_pad_token(tokenizer: Any, role: DataRole = CALIBRATION) -> None:
+    """Refuse a tokenizer without a pad token for raw text, before any row is read (or any weights loaded): texts are
+    padded into batches (`encode_texts`), which transformers refuses without one — a bare ValueError at the first
+    batch, after the parents were loaded (even for a batch of one text: it checks the tokenizer, not the texts)."""
+    if tokenizer is None or not hasattr(tokenizer, "pad_token") or tokenizer.pad_token is not None:
+        return
+    raise role.error(
+        f"{role.tokenizer} ({type(tokenizer).__name__}) has no pad token, so the texts of the {role.data} cannot be "
+        "padded into batches; set one the model knows (e.g. tokenizer.pad_token = tokenizer.eos_token: padding is "
+        "masked out) and pass that tokenizer (processor=), or map your own padded input_ids and attention_mask")
 
 
 def refuse_pairs_for_one_segment(texts: Sequence[str], tokenizer: Any, model_config: Any,
