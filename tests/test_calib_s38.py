@@ -90,3 +90,22 @@ def test_an_empty_dataset_is_called_empty_not_a_column_of_nulls():
         check_calibration_columns(data, [bert_tokenizer()], model_config=model.config)
     message = one_line(caught)
     assert "empty (0 rows)" in message and "null" not in message, message
+
+
+def bare_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with a pad token that adds no special tokens: an empty text is no token at all."""
+    backend = Tokenizer(models.WordLevel({word: index for index, word in enumerate(WORDS)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]")
+
+
+@pytest.mark.parametrize("texts", [TEXTS[:3] + [""] + TEXTS[4:], ["  "] * len(TEXTS)], ids=["one", "all"])
+def test_a_text_the_tokenizer_turns_into_no_token_is_named_as_such(texts):
+    """Dataset(text=[..., '', ...]) read by a tokenizer adding no special tokens: 'pass the attention_mask the
+    tokenizer returns' (one empty text) or torch's 'cannot reshape tensor of 0 elements' from inside BERT (all)."""
+    stream = resolve_calibration(datasets.Dataset.from_dict({"text": texts}), [bare_tokenizer()])
+    with pytest.raises(CalibrationError) as caught:
+        next(iter(stream.batches(8)))
+    message = one_line(caught)
+    assert "'text'" in message and "no token" in message and "reshape" not in message, message
+    assert "pass the attention_mask" not in message, message

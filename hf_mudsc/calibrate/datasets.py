@@ -534,9 +534,29 @@ class _Preprocessor:
             texts, pairs = self._texts(rows, self.text_column), None
             if self.text_pair_column is not None:
                 pairs = self._texts(rows, self.text_pair_column)
-            encoded = encode_texts(self.tokenizer, texts, self.max_length, pairs)
-            out.update({k: _as_tensor(v) for k, v in encoded.items()})
+            encoded = {k: _as_tensor(v) for k, v in encode_texts(self.tokenizer, texts, self.max_length, pairs).items()}
+            self._refuse_tokenless(encoded, texts)
+            out.update(encoded)
         return out
+
+    def _refuse_tokenless(self, encoded: Mapping[str, torch.Tensor], texts: Sequence[str]) -> None:
+        """Refuse texts the tokenizer turns into no token at all (empty or blank, with a tokenizer adding no special
+        tokens): one in a batch was refused by the model input check with advice to pass the tokenizer's mask (which
+        this is), a batch of them failed inside the model ("cannot reshape tensor of 0 elements")."""
+        ids, mask = encoded.get("input_ids"), encoded.get("attention_mask")
+        if ids is None or ids.dim() != 2:
+            return
+        lengths = mask.sum(dim=-1) if mask is not None and mask.shape == ids.shape else torch.full(
+            (len(ids),), ids.shape[-1])
+        empty = [index for index, length in enumerate(lengths.tolist()) if length == 0]
+        if not empty:
+            return
+        named = [repr(c) for c in (self.text_column, self.text_pair_column) if c is not None]
+        columns = f"columns {' and '.join(named)}" if len(named) > 1 else f"column {named[0]}"
+        raise self.role.error(
+            f"{columns} of the {self.role.data} holds text that {self.role.tokenizer} turns into no token "
+            f"({shown(texts[empty[0]])}; {len(empty)} of the {len(ids)} rows of a batch), which the models cannot "
+            "read; drop or fill those rows (e.g. Dataset.filter on text.strip())")
 
     def _texts(self, rows: Mapping[str, Sequence[Any]], column: str) -> list[str]:
         texts = list(rows[column])
