@@ -1381,8 +1381,8 @@ def refuse_no_pad_token(tokenizer: Any, role: DataRole = CALIBRATION) -> None:
         return
     raise role.error(
         f"{role.tokenizer} ({type(tokenizer).__name__}) has no pad token, so the texts of the {role.data} cannot be "
-        "padded into batches; set one the model knows (e.g. tokenizer.pad_token = tokenizer.eos_token: padding is "
-        "masked out) and pass that tokenizer (processor=), or map your own padded input_ids and attention_mask")
+        f"padded into batches; give it one the model knows (tokenizer.pad_token = tokenizer.eos_token, say: padding "
+        f"is masked out) and {role.fix}, or map your own padded input_ids and attention_mask")
 
 
 def refuse_pairs_for_one_segment(texts: Sequence[str], tokenizer: Any, model_config: Any,
