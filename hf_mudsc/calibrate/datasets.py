@@ -551,12 +551,14 @@ class _Preprocessor:
         empty = [index for index, length in enumerate(lengths.tolist()) if length == 0]
         if not empty:
             return
-        named = [repr(c) for c in (self.text_column, self.text_pair_column) if c is not None]
-        columns = f"columns {' and '.join(named)}" if len(named) > 1 else f"column {named[0]}"
+        named = [c for c in (self.text_column, self.text_pair_column) if c is not None]
+        columns = (f"columns {named[0]!r} and {named[1]!r} of the {self.role.data} hold" if len(named) > 1
+                   else f"column {named[0]!r} of the {self.role.data} holds")
+        kept = " or ".join(f"row[{c!r}].strip()" for c in named)
         raise self.role.error(
-            f"{columns} of the {self.role.data} holds text that {self.role.tokenizer} turns into no token "
-            f"({shown(texts[empty[0]])}; {len(empty)} of the {len(ids)} rows of a batch), which the models cannot "
-            "read; drop or fill those rows (e.g. Dataset.filter on text.strip())")
+            f"{columns} text that {self.role.tokenizer} turns into no token ({shown(texts[empty[0]])}; "
+            f"{len(empty)} of the {len(ids)} rows of a batch), which the models cannot read; drop or fill those rows "
+            f"(e.g. dataset.filter(lambda row: {kept}))")
 
     def _texts(self, rows: Mapping[str, Sequence[Any]], column: str) -> list[str]:
         texts = list(rows[column])
@@ -703,9 +705,8 @@ def encode_texts(tokenizer: Any, texts: list[str], max_length: int | None,
     Always on the right, whatever the tokenizer's `padding_side`: the encoders merged here (BERT, RoBERTa, CLIP's
     text tower) number positions from the first token of the row, so a text padded on the left was read at shifted
     positions, and its activations (the statistics, an evaluation's scores) depended on the batch's longest text."""
-    with _backend_kept(tokenizer):
-        return tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
-                         padding_side="right")
+    with _backend_kept(tokenizer), _padding_side_kept(tokenizer, "right"):
+        return tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
 
 
 def token_ids_uncut(tokenizer: Any, texts: list[str]) -> list[list[int]]:
@@ -714,6 +715,21 @@ def token_ids_uncut(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     what the cut means)."""
     with _backend_kept(tokenizer):
         return [list(ids) for ids in tokenizer(texts, padding=False, truncation=False, verbose=False)["input_ids"]]
+
+
+@contextlib.contextmanager
+def _padding_side_kept(tokenizer: Any, side: str) -> Iterator[None]:
+    """Pad on `side` for the calls inside, then give the tokenizer back its own side: set as an attribute, not as a
+    call argument, which a tokenizer whose `__call__` names its own parameters (remote code) refuses."""
+    if not hasattr(tokenizer, "padding_side"):
+        yield
+        return
+    before = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = before
 
 
 @contextlib.contextmanager
@@ -1085,7 +1101,6 @@ def _plan(columns: Sequence[str], inputs: Sequence[str], processor: Any, image_c
         use_text = texts[0] if texts else None
         looked_for = [*TEXT_COLUMNS, *("+".join(pair) for pair in TEXT_PAIR_COLUMNS)]
         _require_raw("input_ids", "text", use_text, looked_for, "text_column", tokenizer, "tokenizer", columns, role)
-        refuse_no_pad_token(tokenizer, role)
         pair = next((p for p in TEXT_PAIR_COLUMNS if given_text and len(given_text) == 1 and given_text[0] in p
                      and all(c in columns for c in p)), None)
         if pair is not None and not quiet:  # one segment of a pair: never dropped unsaid
@@ -1098,6 +1113,8 @@ def _plan(columns: Sequence[str], inputs: Sequence[str], processor: Any, image_c
                         *texts)
     for column in texts or (None,):
         _refuse_column_kinds(features, use_image, column, role)
+    if use_text:  # after the column's kind: a column of numbers is no text whatever the tokenizer
+        refuse_no_pad_token(tokenizer, role)
     if use_image:
         refuse_oversized_resize(image_processor, model_config, role)
         refuse_other_image_size(image_processor, model_config, role)
@@ -1373,16 +1390,25 @@ VOCABULARY_FIX = ("resize the model's token embeddings to its tokenizer "
                   "with")
 
 
-def refuse_no_pad_token(tokenizer: Any, role: DataRole = CALIBRATION) -> None:
+def refuse_no_pad_token(tokenizer: Any, role: DataRole = CALIBRATION, own_inputs: bool = True) -> None:
     """Refuse a tokenizer without a pad token for raw text, before any row is read (or any weights loaded): texts are
     padded into batches (`encode_texts`), which transformers refuses without one — a bare ValueError at the first
-    batch, after the parents were loaded (even for a batch of one text: it checks the tokenizer, not the texts)."""
+    batch, after the parents were loaded (even for a batch of one text: it checks the tokenizer, not the texts).
+    `own_inputs`: whether the user may map padded input_ids instead (calibration data; not CLIP's class prompts)."""
     if tokenizer is None or not hasattr(tokenizer, "pad_token") or tokenizer.pad_token is not None:
         return
+    whose = role.tokenizer
+    if type(tokenizer).__name__ not in whose:  # a processor= given names its class already
+        whose = f"{whose} ({type(tokenizer).__name__})"
+    if getattr(tokenizer, "eos_token", None) is not None:
+        give = "tokenizer.pad_token = tokenizer.eos_token, say: padding is masked out"
+    else:  # no EOS token to reuse (BERT-like): a new one, which the models' embeddings must cover if it is new
+        vocabulary = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        give = "tokenizer.add_special_tokens({'pad_token': '[PAD]'})" + (
+            "" if "[PAD]" in vocabulary else ", then resize the models' token embeddings to len(tokenizer)")
     raise role.error(
-        f"{role.tokenizer} ({type(tokenizer).__name__}) has no pad token, so the texts of the {role.data} cannot be "
-        f"padded into batches; give it one the model knows (tokenizer.pad_token = tokenizer.eos_token, say: padding "
-        f"is masked out) and {role.fix}, or map your own padded input_ids and attention_mask")
+        f"{whose} has no pad token, so the texts of the {role.data} cannot be padded into batches; give it one "
+        f"({give}) and {role.fix}" + (", or map your own padded input_ids and attention_mask" if own_inputs else ""))
 
 
 def refuse_pairs_for_one_segment(texts: Sequence[str], tokenizer: Any, model_config: Any,
