@@ -58,15 +58,6 @@ def test_a_left_padding_tokenizer_gives_the_statistics_of_unpadded_texts():
         assert max(float((x - y).abs().max()) for x, y in zip(alone, padded)) < 1e-4
 
 
-def test_a_left_padding_tokenizer_is_left_as_it_was():
-    """resolve_calibration(..., [tokenizer with padding_side='left']) read: the caller's tokenizer keeps its side."""
-    tokenizer = bert_tokenizer("left")
-    stream = resolve_calibration(datasets.Dataset.from_dict({"text": TEXTS}), [tokenizer])
-    batch = next(iter(stream.batches(8)))
-    assert bool((batch["attention_mask"][:, 0] == 1).all())  # padded on the right: every text starts at position 0
-    assert tokenizer.padding_side == "left"
-
-
 def test_a_tokenizer_without_a_pad_token_is_refused_before_the_weights():
     """check_calibration_columns(Dataset(text=...), [tokenizer without pad_token]) passed; merge() then failed at the
     first batch with transformers' bare ValueError ('Asking to pad but the tokenizer does not have a padding token')."""
@@ -139,7 +130,7 @@ def fast_bert_tokenizer(padding_side: str) -> PreTrainedTokenizerFast:
 
 
 @pytest.mark.parametrize("make", [bert_tokenizer, fast_bert_tokenizer], ids=["slow", "fast"])
-def test_the_callers_own_calls_still_pad_on_the_left_after_a_read(make):
+def test_a_left_padding_tokenizer_is_left_as_it_was(make):
     """resolve_calibration(..., [tokenizer padding_side='left']) read, then tokenizer(texts, padding=True): padded on
     the left still (attribute and fast backend), and the backend keeps no padding switched on."""
     tokenizer = make("left")
