@@ -92,8 +92,17 @@ def spec_for(model: nn.Module) -> PermutationSpec:
     try:
         spec.validate(dict(model.named_parameters()), (name for name, _ in model.named_modules()))
     except SpecError as error:
-        if not error.unplaced or len(error.problems) > len(error.unplaced):
+        # A tensor the spec names that the model lacks is the adapter's bug for a transformers class, but the layout
+        # of a user's subclass (a label head built without a bias) for any other class.
+        absent = () if type(model).__module__.startswith("transformers.") else error.absent
+        if not (error.unplaced or absent) or len(error.problems) > len(error.unplaced) + len(absent):
             raise  # the adapter's own spec is wrong (too): its bug, with every problem listed
+        if absent and not error.unplaced:
+            raise UnsupportedArchitectureError(
+                f"{type(model).__name__} is not supported: it lacks the parameter {absent[0]!r} the "
+                f"{spec.family or model_type} adapter merges (a layer built otherwise than by its transformers "
+                f"class); merge a class docs/design.md §5 lists for {model_type!r} models, built as transformers "
+                "builds it") from None
         # A layout of a supported model type the adapter has no place for (an extra module, another head class):
         # one line naming the class and the tensor, not the spec's internal list (21 lines for a BERT decoder).
         more = f" (and {len(error.unplaced) - 1} more)" if len(error.unplaced) > 1 else ""

@@ -1,0 +1,63 @@
+"""Session 38, architectures and heads (helper "arch"): adapters, head layouts and the parent checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from factories import BERT, VIT, make_batches, randomize
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+import hf_mudsc
+from hf_mudsc.errors import UnsupportedArchitectureError
+
+
+class BiaslessViT(ViTForImageClassification):
+    """A user's ViT classifier whose label head has no bias."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__(config)
+        self.classifier = torch.nn.Linear(config.hidden_size, config.num_labels, bias=False)
+
+
+class BiaslessBert(BertForSequenceClassification):
+    """A user's BERT classifier whose label head has no bias."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config)
+        self.classifier = torch.nn.Linear(config.hidden_size, config.num_labels, bias=False)
+
+
+class BiaslessRoberta(RobertaForSequenceClassification):
+    """A user's RoBERTa classifier whose out_proj has no bias."""
+
+    def __init__(self, config: RobertaConfig) -> None:
+        super().__init__(config)
+        self.classifier.out_proj = torch.nn.Linear(config.hidden_size, config.num_labels, bias=False)
+
+
+BIASLESS = {
+    "vit_cls": (lambda: BiaslessViT(ViTConfig(**VIT, num_labels=3)), "classifier.bias"),
+    "bert_cls": (lambda: BiaslessBert(BertConfig(**BERT, num_labels=3)), "classifier.bias"),
+    "roberta_cls": (lambda: BiaslessRoberta(RobertaConfig(**BERT, num_labels=3)),
+                    "classifier.out_proj.bias"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BIASLESS))
+def test_a_label_head_without_bias_is_refused_in_one_line_naming_the_class_and_tensor(kind):
+    """merge([A, B]) of a user's ViT/BERT/RoBERTa classifier subclass whose head Linear has bias=False: a 3-line
+    internal SpecError ("averaged parameter 'classifier.bias' does not exist") blaming the adapter's spec."""
+    build, bias = BIASLESS[kind]
+    torch.manual_seed(0)
+    parents = [randomize(build(), seed) for seed in (0, 1)]
+    with pytest.raises(UnsupportedArchitectureError) as caught:
+        hf_mudsc.merge(parents, make_batches(kind, 1), method="linear", progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and type(parents[0]).__name__ in message and repr(bias) in message, message
