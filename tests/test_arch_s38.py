@@ -61,3 +61,25 @@ def test_a_label_head_without_bias_is_refused_in_one_line_naming_the_class_and_t
         hf_mudsc.merge(parents, make_batches(kind, 1), method="linear", progress=False)
     message = str(caught.value)
     assert "\n" not in message and type(parents[0]).__name__ in message and repr(bias) in message, message
+
+
+@pytest.mark.parametrize(("kind", "key", "value"), [("bert_cls", "tie_word_embeddings", False),
+                                                    ("roberta_cls", "tie_word_embeddings", False),
+                                                    ("vit_cls", "encoder_stride", 8), ("vit", "encoder_stride", 8)])
+def test_parents_differing_in_a_field_only_another_head_class_reads_are_merged(kind, key, value, tmp_path):
+    """merge([A, B]) of two BertForSequenceClassification fine-tunes, B's config.json saying tie_word_embeddings
+    false (ViT: another encoder_stride, read only by ViTForMaskedImageModeling's decoder): refused as "different
+    configurations" though no class the adapters merge reads the field (a tied head would differ in its tensors)."""
+    from factories import fine_tune, make_model, model_output
+
+    a = make_model(kind, 0)
+    b = fine_tune(a, 1, 0.01)
+    b.config.update({key: value})
+    a.save_pretrained(tmp_path / "a")
+    b.save_pretrained(tmp_path / "b")
+    batch = make_batches(kind, 1)[0]
+    for parents in ([a, b], [str(tmp_path / "a"), str(tmp_path / "b")]):
+        merged = hf_mudsc.merge(parents, method="linear", progress=False)
+        assert getattr(merged.config, key) == getattr(a.config, key)  # parent A's, as for dropout rates
+        expected = hf_mudsc.merge([a, fine_tune(a, 1, 0.01)], method="linear", progress=False)
+        assert torch.equal(model_output(merged, batch), model_output(expected, batch))
