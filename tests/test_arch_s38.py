@@ -83,3 +83,20 @@ def test_parents_differing_in_a_field_only_another_head_class_reads_are_merged(k
         assert getattr(merged.config, key) == getattr(a.config, key)  # parent A's, as for dropout rates
         expected = hf_mudsc.merge([a, fine_tune(a, 1, 0.01)], method="linear", progress=False)
         assert torch.equal(model_output(merged, batch), model_output(expected, batch))
+
+
+def test_clip_parents_differing_in_the_initial_logit_scale_are_merged(tmp_path):
+    """merge([A, B]) of two CLIPModels, B's config saying logit_scale_init_value 3.0 (read only when the model is
+    initialised; the trained logit_scale is a weight): refused as "different configurations"."""
+    from factories import fine_tune, make_model, model_output
+
+    a = make_model("clip", 0)
+    b = fine_tune(a, 1, 0.01)
+    b.config.logit_scale_init_value = 3.0
+    b.save_pretrained(tmp_path / "b")
+    batch = make_batches("clip", 1)[0]
+    expected = hf_mudsc.merge([a, fine_tune(a, 1, 0.01)], method="linear", progress=False)
+    for second in (b, str(tmp_path / "b")):
+        merged = hf_mudsc.merge([a, second], method="linear", progress=False)
+        assert merged.config.logit_scale_init_value == a.config.logit_scale_init_value
+        assert torch.equal(model_output(merged, batch), model_output(expected, batch))
