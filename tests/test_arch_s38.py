@@ -100,3 +100,31 @@ def test_clip_parents_differing_in_the_initial_logit_scale_are_merged(tmp_path):
         merged = hf_mudsc.merge([a, second], method="linear", progress=False)
         assert merged.config.logit_scale_init_value == a.config.logit_scale_init_value
         assert torch.equal(model_output(merged, batch), model_output(expected, batch))
+
+
+def test_an_adapter_registered_before_the_first_lookup_is_not_replaced_by_the_shipped_one():
+    """`register("vit")(mine)` in a fresh process, then `spec_for(vit)`: the first lookup imported the shipped
+    adapters, which silently registered theirs over it (after a first lookup, the same call took effect)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "from factories import make_model\n"
+        "from hf_mudsc.architectures import register, spec_for\n"
+        "calls = []\n"
+        "@register('vit')\n"
+        "def mine(model):\n"
+        "    calls.append(model)\n"
+        "    from hf_mudsc.architectures.vit import vit_spec\n"
+        "    return vit_spec(model)\n"
+        "spec_for(make_model('vit_cls', 0))\n"
+        "print(len(calls))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "1", done.stdout

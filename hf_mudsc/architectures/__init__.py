@@ -40,12 +40,18 @@ def discover() -> None:
     """Import every adapter module once; each registers itself on import.
 
     On first lookup rather than at package import, so that importing the package stays cheap and an
-    adapter's own imports never meet a half-initialised package.
+    adapter's own imports never meet a half-initialised package. A builder the user registered before this first
+    lookup stays the adapter of its model types: a shipped module registering itself on import does not replace it
+    (as it would not after the first lookup).
     """
     global _discovered
     if not _discovered:
+        earlier = {model_type: builder_for(model_type) for model_type in registered_model_types()}
         for name in adapter_modules():
             importlib.import_module(name)
+        for model_type, builder in earlier.items():
+            if builder is not None:
+                register(model_type)(builder)
         _discovered = True
 
 
