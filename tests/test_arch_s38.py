@@ -57,10 +57,11 @@ def test_a_label_head_without_bias_is_refused_in_one_line_naming_the_class_and_t
     build, bias = BIASLESS[kind]
     torch.manual_seed(0)
     parents = [randomize(build(), seed) for seed in (0, 1)]
-    with pytest.raises(UnsupportedArchitectureError) as caught:
-        hf_mudsc.merge(parents, make_batches(kind, 1), method="linear", progress=False)
-    message = str(caught.value)
-    assert "\n" not in message and type(parents[0]).__name__ in message and repr(bias) in message, message
+    for dry_run in (False, True):
+        with pytest.raises(UnsupportedArchitectureError) as caught:
+            hf_mudsc.merge(parents, make_batches(kind, 1), method="linear", progress=False, dry_run=dry_run)
+        message = str(caught.value)
+        assert "\n" not in message and type(parents[0]).__name__ in message and repr(bias) in message, message
 
 
 @pytest.mark.parametrize(("kind", "key", "value"), [("bert_cls", "tie_word_embeddings", False),
