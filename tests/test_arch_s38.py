@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from factories import BERT, VIT, make_batches, randomize
@@ -67,7 +69,7 @@ def test_a_label_head_without_bias_is_refused_in_one_line_naming_the_class_and_t
 @pytest.mark.parametrize(("kind", "key", "value"), [("bert_cls", "tie_word_embeddings", False),
                                                     ("roberta_cls", "tie_word_embeddings", False),
                                                     ("vit_cls", "encoder_stride", 8), ("vit", "encoder_stride", 8)])
-def test_parents_differing_in_a_field_only_another_head_class_reads_are_merged(kind, key, value, tmp_path):
+def test_parents_differing_in_a_field_only_another_head_class_reads_are_merged(kind, key, value, tmp_path, caplog):
     """merge([A, B]) of two BertForSequenceClassification fine-tunes, B's config.json saying tie_word_embeddings
     false (ViT: another encoder_stride, read only by ViTForMaskedImageModeling's decoder): refused as "different
     configurations" though no class the adapters merge reads the field (a tied head would differ in its tensors)."""
@@ -80,7 +82,10 @@ def test_parents_differing_in_a_field_only_another_head_class_reads_are_merged(k
     b.save_pretrained(tmp_path / "b")
     batch = make_batches(kind, 1)[0]
     for parents in ([a, b], [str(tmp_path / "a"), str(tmp_path / "b")]):
-        merged = hf_mudsc.merge(parents, method="linear", progress=False)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+            merged = hf_mudsc.merge(parents, method="linear", progress=False)
+        assert f"parent B: {key}: " in caplog.text  # said, as the other fields no forward reads
         assert getattr(merged.config, key) == getattr(a.config, key)  # parent A's, as for dropout rates
         expected = hf_mudsc.merge([a, fine_tune(a, 1, 0.01)], method="linear", progress=False)
         assert torch.equal(model_output(merged, batch), model_output(expected, batch))
