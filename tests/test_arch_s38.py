@@ -134,3 +134,96 @@ def test_an_adapter_registered_before_the_first_lookup_is_not_replaced_by_the_sh
                           env={**os.environ, "PYTHONPATH": str(root)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-1] == "1", done.stdout
+
+
+def misnamed(spec, old: str, new: str):
+    """`spec` with every mention of the tensor `old` spelled `new` (an adapter's typo)."""
+    from dataclasses import replace
+
+    def fix(name: str | None) -> str | None:
+        return new if name == old else name
+
+    groups = tuple(replace(group, members=tuple(replace(member, param=fix(member.param)) for member in group.members))
+                   for group in spec.groups)
+    classifier = spec.classifier and replace(spec.classifier, weight=fix(spec.classifier.weight),
+                                             bias=fix(spec.classifier.bias))
+    assert old in spec.grouped_params or old in spec.averaged or classifier != spec.classifier
+    return replace(spec, groups=groups, averaged=tuple(fix(name) for name in spec.averaged), classifier=classifier)
+
+
+class MyViT(ViTForImageClassification):
+    """A user's trivial subclass: every tensor as transformers builds it."""
+
+
+@pytest.mark.parametrize("tensor", ["q_proj.weight", "classifier.bias"])
+def test_an_adapter_typo_on_a_trivial_subclass_is_the_adapters_bug_in_full(tensor):
+    """register("vit") a builder renaming q_proj.weight -> q_proj.wieght, spec_for(MyViT(...)): "MyViT is not
+    supported" (blaming the user's model, pointing at design.md §5) where the stock class gets the full SpecError."""
+    from hf_mudsc.architectures import discover, register, spec_for
+    from hf_mudsc.architectures.vit import vit_spec
+    from hf_mudsc.errors import SpecError
+
+    discover()
+    stock = ViTForImageClassification(ViTConfig(**VIT, num_labels=3))
+    old = next(name for name, _ in stock.named_parameters() if name.endswith(tensor))
+    new = old[:-len("weight")] + "wieght" if old.endswith("weight") else old[:-len("bias")] + "bais"
+
+    @register("vit")
+    def typo(model: torch.nn.Module):
+        return misnamed(vit_spec(model), old, new)
+
+    try:
+        for model in (stock, MyViT(ViTConfig(**VIT, num_labels=3))):
+            with pytest.raises(SpecError) as caught:
+                spec_for(model)
+            assert not isinstance(caught.value, UnsupportedArchitectureError)
+            assert repr(new) in str(caught.value), str(caught.value)
+    finally:
+        register("vit")(vit_spec)
+
+
+class ToyConfig:
+    """The config of a user's own architecture (only what `spec_for` reads)."""
+
+    model_type = "s38toy"
+
+
+class Toy(torch.nn.Module):
+    """A user's own two-layer architecture, adapted by the user's own builder."""
+
+    def __init__(self, bias: bool = True) -> None:
+        super().__init__()
+        self.config = ToyConfig()
+        self.fc1 = torch.nn.Linear(4, 6, bias=bias)
+        self.fc2 = torch.nn.Linear(6, 3)
+
+
+def toy_spec(model: torch.nn.Module, bias: str = "fc1.bias"):
+    """The user's adapter of `Toy`: fc1's units are one group; `bias` spells fc1's bias."""
+    from hf_mudsc.spec import Group, HookPoint, Member, PermutationSpec
+
+    members = (Member("fc1.weight", 0, "out"), Member(bias, 0, "out"), Member("fc2.weight", 1, "in"))
+    return PermutationSpec(groups=(Group("hidden", 6, members, (HookPoint("fc2", "input"),)),),
+                           averaged=("fc2.bias",), family="toy")
+
+
+def test_a_user_adapters_typo_on_the_users_own_class_is_a_spec_error():
+    """register("s38toy") a builder naming 'fc1.bais', spec_for(Toy()): "Toy is not supported: it lacks the parameter
+    'fc1.bais' ... merge a class docs/design.md §5 lists" (the user's typo blamed on their model's layout)."""
+    from hf_mudsc.architectures import discover, register, spec_for, unregister
+    from hf_mudsc.errors import SpecError
+
+    discover()
+    register("s38toy")(toy_spec)
+    try:
+        assert spec_for(Toy()).family == "toy"  # the adapter fits the model it was written for
+        register("s38toy")(lambda model: toy_spec(model, "fc1.bais"))
+        with pytest.raises(SpecError) as caught:
+            spec_for(Toy())
+        assert not isinstance(caught.value, UnsupportedArchitectureError)
+        assert "'fc1.bais'" in str(caught.value), str(caught.value)
+        register("s38toy")(toy_spec)
+        with pytest.raises(UnsupportedArchitectureError, match="lacks the parameter 'fc1.bias'"):
+            spec_for(Toy(bias=False))  # built without the tensor: the model's own layout, said in one line
+    finally:
+        unregister("s38toy")

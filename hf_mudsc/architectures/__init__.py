@@ -86,6 +86,17 @@ def check_config_supported(config: Mapping[str, Any]) -> None:
     raise unsupported(first if isinstance(first, str) and CLASS_NAME.fullmatch(first) else "this model", model_type)
 
 
+def built_without(model: nn.Module, name: str) -> bool:
+    """Whether `model` has the module owning the parameter `name` and that module holds it as None, as
+    `nn.Linear(bias=False)` holds its bias: the model's own layout, not a misspelt name."""
+    owner, _, leaf = name.rpartition(".")
+    try:
+        module = model.get_submodule(owner)
+    except AttributeError:
+        return False
+    return getattr(module, leaf, leaf) is None  # a parameter slot registered empty, not an absent name
+
+
 def spec_for(model: nn.Module) -> PermutationSpec:
     """Build and validate the permutation spec of a loaded model."""
     discover()
@@ -98,9 +109,11 @@ def spec_for(model: nn.Module) -> PermutationSpec:
     try:
         spec.validate(dict(model.named_parameters()), (name for name, _ in model.named_modules()))
     except SpecError as error:
-        # A tensor the spec names that the model lacks is the adapter's bug for a transformers class, but the layout
-        # of a user's subclass (a label head built without a bias) for any other class.
-        absent = () if type(model).__module__.startswith("transformers.") else error.absent
+        # A tensor the spec names that the model lacks is the adapter's bug for a transformers class, and for any
+        # other class too unless the model was built without it (a label head's Linear(bias=False)): else a typo in
+        # an adapter (a user's own, registered for their own class) would read as the user's model's fault.
+        absent = () if type(model).__module__.startswith("transformers.") else tuple(
+            name for name in error.absent if built_without(model, name))
         if not (error.unplaced or absent) or len(error.problems) > len(error.unplaced) + len(absent):
             raise  # the adapter's own spec is wrong (too): its bug, with every problem listed
         if absent and not error.unplaced:
