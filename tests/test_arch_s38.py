@@ -158,7 +158,7 @@ class MyViT(ViTForImageClassification):
 @pytest.mark.parametrize("tensor", ["q_proj.weight", "classifier.bias"])
 def test_an_adapter_typo_on_a_trivial_subclass_is_the_adapters_bug_in_full(tensor):
     """register("vit") a builder renaming q_proj.weight -> q_proj.wieght, spec_for(MyViT(...)): "MyViT is not
-    supported" (blaming the user's model, pointing at design.md §5) where the stock class gets the full SpecError."""
+    supported" (the user blamed, sent to docs/design.md §5); the stock class: the full SpecError."""
     from hf_mudsc.architectures import discover, register, spec_for
     from hf_mudsc.architectures.vit import vit_spec
     from hf_mudsc.errors import SpecError
