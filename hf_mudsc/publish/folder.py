@@ -29,11 +29,12 @@ import re
 import shutil
 import socket
 import stat
+import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -79,6 +80,9 @@ _KNOWN_LIMIT = 4096  # a long-running service forgets them all now and then: the
 _SETTLED_NS = 2 * 10**9
 # What `staged_output` calls right before renaming a complete staging folder into place (`checked_rename`).
 _RENAME_CHECK: ContextVar[Callable[[], None] | None] = ContextVar("hf_mudsc_rename_check", default=None)
+#: How long a writer waits for another run writing into the same output folder (`folder_lock`) before it refuses:
+#: the other holds the lock only while it reads the marker and renames a few files into place.
+LOCK_WAIT_SECONDS = 60.0
 
 
 def check_output(
@@ -568,7 +572,18 @@ def clean_leftovers(output: str | os.PathLike) -> list[Path]:
         if candidate.is_symlink() or not candidate.is_dir():
             continue
         marker = read_marker(candidate)
-        if marker is None or marker.get("host") != socket.gethostname() or _pid_alive(marker.get("pid")):
+        if marker is None:  # killed before its first marker, or a folder someone else made: never deleted
+            logger.warning("left %s in place: it looks like an interrupted run's staging folder of %s, but it has no "
+                           "%s proving hf-mudsc wrote it; if no hf-mudsc run is writing %s now, remove the folder "
+                           "yourself once nothing in it is yours", candidate, target, MARKER_FILENAME, target)
+            continue
+        if marker.get("complete") and "pid" not in marker and "host" not in marker:
+            # a finished output under a staging name: the old copy an atomic `overwrite` swapped out (`exchange_paths`)
+            # before its rename to `.{name}.old-*` — only once the new output is in place, as `old_copies_left`
+            if target.is_dir() and _remove_old_copy(candidate, target):
+                removed.append(candidate)
+            continue
+        if marker.get("host") != socket.gethostname() or _pid_alive(marker.get("pid")):
             continue
         foreign = _foreign_entry(candidate)
         if foreign is not None:
@@ -598,23 +613,30 @@ def old_copies_left(target: Path) -> list[Path]:
     for candidate in sorted(target.parent.glob(f".{glob.escape(target.name)}{OLD_MARK}*")):
         if candidate.is_symlink() or not candidate.is_dir() or not own_name.fullmatch(candidate.name):
             continue  # a name the writer never gives its backups (a user's `cp -a out .out.old-before-retrain`)
-        try:
-            marker = read_marker(candidate)
-            foreign, changed = unlisted_files(candidate, check_content=True) if marker else ([], [])
-            if not marker or not marker.get("complete") or foreign or changed or listed_outside(candidate):
-                logger.warning("left %s in place: it looks like an old copy of %s that an interrupted --overwrite "
-                               "left, but %s; remove the folder yourself once nothing in it is yours", candidate,
-                               target, f"it holds files hf-mudsc did not write (or that changed since): "
-                               f"{_names(foreign + changed)}" if foreign or changed else
-                               f"it has no complete {MARKER_FILENAME} proving hf-mudsc wrote it")
-                continue
-            _remove_marker_last(candidate)
-        except OSError as error:  # another run deleting it too, a file that may not be deleted
-            logger.warning("could not remove %s, an old copy of %s (%s); delete it yourself", candidate, target, error)
-            continue
-        logger.info("removed %s, an old copy of %s left by an interrupted --overwrite", candidate, target)
-        removed.append(candidate)
+        if _remove_old_copy(candidate, target):
+            removed.append(candidate)
     return removed
+
+
+def _remove_old_copy(candidate: Path, target: Path) -> bool:
+    """Delete `candidate`, an old copy of `target` a killed or failed `overwrite` left, only when its complete marker
+    lists its every file unchanged (marker deleted last); else keep it, and say so. Whether it was deleted."""
+    try:
+        marker = read_marker(candidate)
+        foreign, changed = unlisted_files(candidate, check_content=True) if marker else ([], [])
+        if not marker or not marker.get("complete") or foreign or changed or listed_outside(candidate):
+            logger.warning("left %s in place: it looks like an old copy of %s that an interrupted --overwrite "
+                           "left, but %s; remove the folder yourself once nothing in it is yours", candidate,
+                           target, f"it holds files hf-mudsc did not write (or that changed since): "
+                           f"{_names(foreign + changed)}" if foreign or changed else
+                           f"it has no complete {MARKER_FILENAME} proving hf-mudsc wrote it")
+            return False
+        _remove_marker_last(candidate)
+    except OSError as error:  # another run deleting it too, a file that may not be deleted
+        logger.warning("could not remove %s, an old copy of %s (%s); delete it yourself", candidate, target, error)
+        return False
+    logger.info("removed %s, an old copy of %s left by an interrupted --overwrite", candidate, target)
+    return True
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -809,17 +831,51 @@ def _put_in_place(writes: list[tuple[Path, Callable[[Path], None]]], *, root: Pa
             staged.append((path, temporary))
             write(temporary)
             temporary.chmod(mode)
-        # The marker names the new files before any is in place: a full disk fails here and changes nothing.
-        listings = _marker_listings(root, staged, finished=finished) if root is not None else None
-        renames = list(staged)
-        if listings is not None and root is not None:
-            renames = [(root / MARKER_FILENAME, listings[0]), *staged, (root / MARKER_FILENAME, listings[1])]
-        with interrupts_deferred():  # the files and their marker entries, or none
-            _rename_all(renames)
+        # One writer at a time from reading the marker to the last rename: another run's marker read meanwhile
+        # would be renamed over this one's, dropping the files this run put in place (`folder_lock`).
+        with folder_lock(root) if root is not None and root.is_dir() else nullcontext():
+            # The marker names the new files before any is in place: a full disk fails here and changes nothing.
+            listings = _marker_listings(root, staged, finished=finished) if root is not None else None
+            renames = list(staged)
+            if listings is not None and root is not None:
+                renames = [(root / MARKER_FILENAME, listings[0]), *staged, (root / MARKER_FILENAME, listings[1])]
+            with interrupts_deferred():  # the files and their marker entries, or none
+                _rename_all(renames)
     finally:
         for temporary in [*(temporary for _, temporary in staged), *(listings or ())]:
             temporary.unlink(missing_ok=True)
     return [path for path, _ in staged]
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold `folder`'s writer lock within the block: an advisory `flock` on the folder itself (no lock file: one
+    would be a file the marker does not list, and the lock ends with its process, even a killed one). Two runs
+    (`evaluate`, `inspect`, a merge renaming its output in) that rewrite the marker one after the other then each
+    read the marker the other left. Waits up to `LOCK_WAIT_SECONDS`, then refuses in one line; where the system has
+    no `flock` (Windows), the block runs unlocked, as before."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    handle = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise FileExistsError(
+                        f"another hf-mudsc run has been writing into {str(folder)!r} for over {LOCK_WAIT_SECONDS:g} s "
+                        "(it holds the folder's lock): nothing was written into it; run again once that run ends"
+                    ) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(handle)  # releases the lock
 
 
 def temporary_beside(path: Path) -> Path:
@@ -936,7 +992,19 @@ def _move_into_place(staging: Path, target: Path, *, overwrite: bool, keep_exist
     else:  # absent when the run began: someone made it meanwhile
         _check_appeared(target, overwrite=overwrite, flag=flag)
     backup = target.with_name(f".{target.name}{OLD_MARK}{uuid.uuid4().hex[:OLD_SUFFIX_DIGITS]}")
-    os.rename(target, backup)
+    try:
+        exchanged = exchange_paths(staging, target)
+    except OSError:  # e.g. the old folder went meanwhile: the two renames below say what happened
+        exchanged = False
+    if exchanged:  # one step: the output path never lacks a folder; the old one is now at `staging`'s name
+        _drop_writer(target, placed)
+        try:
+            os.rename(staging, backup)
+        except OSError:  # deleted under the staging name then; a leftover there is an old copy (`clean_leftovers`)
+            backup = staging
+        _delete_old_copy(target, backup)
+        return
+    os.rename(target, backup)  # no atomic exchange here: two renames, the old folder put back on a failure
     try:
         os.rename(staging, target)
     except BaseException as error:
@@ -949,6 +1017,11 @@ def _move_into_place(staging: Path, target: Path, *, overwrite: bool, keep_exist
             _check_appeared(target, overwrite=False, flag=flag, replacing=overwrite)  # another run finished first
         raise
     _drop_writer(target, placed)
+    _delete_old_copy(target, backup)
+
+
+def _delete_old_copy(target: Path, backup: Path) -> None:
+    """Delete `backup`, the replaced output of `target` (the new one is in place), marker last."""
     try:
         _remove_marker_last(backup)
     except BaseException as error:  # Ctrl-C during a multi-GB delete, a file that may not be deleted: said, not lost
@@ -957,6 +1030,33 @@ def _move_into_place(staging: Path, target: Path, *, overwrite: bool, keep_exist
                        "interrupted" if isinstance(error, KeyboardInterrupt) else error, backup, target)
         if not isinstance(error, OSError):
             raise
+
+
+_RENAME_EXCHANGE = 2  # renameat2's flag (linux/fs.h)
+_AT_FDCWD = -100
+
+
+def exchange_paths(first: Path, second: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux's `renameat2(RENAME_EXCHANGE)`): a kill at any moment
+    leaves each path holding a folder. False where the system, its C library or the filesystem cannot (the caller
+    then renames twice); any other failure is raised as an OSError."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # glibc before 2.28, musl without it
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    number = ctypes.get_errno()
+    if number in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False  # kernel or filesystem without the exchange (EPERM: some seccomp filters)
+    raise OSError(number, os.strerror(number), os.fspath(second))
 
 
 def _drop_writer(target: Path, placed: tuple[int, int] | None) -> None:

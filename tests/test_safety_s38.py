@@ -1,0 +1,144 @@
+"""Session 38's data-safety leftovers: concurrent writers of one merged folder, the `--overwrite` swap, each proven
+here before it was fixed."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from hf_mudsc.publish import folder as folder_module
+from hf_mudsc.publish.folder import (
+    MARKER_FILENAME,
+    changed_files,
+    clean_leftovers,
+    read_marker,
+    record_files,
+    staged_output,
+    unlisted_files,
+    write_file_atomically,
+)
+
+
+def merged_folder(path: Path) -> Path:
+    """A folder as a merge leaves it: a few files and a complete marker listing them."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}\n", encoding="utf-8")
+    (path / "README.md").write_text("# card\n", encoding="utf-8")
+    record_files(path)
+    return path
+
+
+def test_two_writers_of_one_merged_folder_never_lose_each_others_marker_entry(tmp_path, monkeypatch):
+    """Two `evaluate`/`inspect` runs writing into one merged folder at once: each read the marker before the other
+    renamed its own, the last one's marker dropped the other's file (pushed never, `--overwrite` refused it)."""
+    out = merged_folder(tmp_path / "merged")
+    listings = folder_module._marker_listings
+    slow = threading.Event()
+
+    def slow_listings(*args, **kwargs):
+        made = listings(*args, **kwargs)
+        if not slow.is_set():  # the first writer: read the marker, then is slow to rename
+            slow.set()
+            time.sleep(0.6)
+        return made
+
+    monkeypatch.setattr(folder_module, "_marker_listings", slow_listings)
+    errors: list[BaseException] = []
+
+    def write(name: str) -> None:
+        try:
+            write_file_atomically(out / name, lambda to: to.write_text(name, encoding="utf-8"), owner=out)
+        except BaseException as error:  # noqa: BLE001 - reported by the test
+            errors.append(error)
+
+    first = threading.Thread(target=write, args=("eval_results.json",))
+    first.start()
+    assert slow.wait(10)
+    second = threading.Thread(target=write, args=("notes.json",))
+    second.start()
+    first.join(20)
+    second.join(20)
+    assert not errors
+    assert unlisted_files(out, check_content=True) == ([], [])
+    assert changed_files(out) == []
+    assert {"eval_results.json", "notes.json"} <= set(read_marker(out)["files"])
+
+
+def test_a_writer_waiting_too_long_for_another_is_refused_in_one_line(tmp_path, monkeypatch):
+    """A run still writing into the folder (its lock held) past the wait: the second is refused in one line, not
+    left to race it."""
+    out = merged_folder(tmp_path / "merged")
+    monkeypatch.setattr(folder_module, "LOCK_WAIT_SECONDS", 0.3)
+    with folder_module.folder_lock(out):
+        result: list[BaseException] = []
+
+        def write() -> None:
+            try:
+                write_file_atomically(out / "eval_results.json", lambda to: to.write_text("{}", encoding="utf-8"),
+                                      owner=out)
+            except BaseException as error:  # noqa: BLE001 - reported by the test
+                result.append(error)
+
+        thread = threading.Thread(target=write)
+        thread.start()
+        thread.join(10)
+    assert len(result) == 1 and isinstance(result[0], FileExistsError)
+    message = str(result[0])
+    assert "another hf-mudsc run" in message and "run again" in message and "\n" not in message
+    assert not (out / "eval_results.json").exists()
+
+
+@pytest.mark.parametrize("killed_at", [1, 2])
+def test_overwrite_killed_between_the_swaps_steps_leaves_a_complete_output(tmp_path, monkeypatch, caplog, killed_at):
+    """merge --overwrite killed (SIGKILL) between its two renames: no folder at the output path, the old one in
+    `.DIR.old-*`. Now the new folder takes the old one's place in one step (`renameat2(RENAME_EXCHANGE)`); the old
+    copy a kill after it leaves (at the staging name, or renamed aside) is removed by the next run, which proves it
+    the writer's, and said."""
+    out = tmp_path / "merged"
+    with staged_output(out) as staging:
+        (staging / "config.json").write_text('{"old": true}\n', encoding="utf-8")
+
+    class Killed(BaseException):
+        """What a SIGKILL amounts to here: nothing after it runs (no handler, no clean-up)."""
+
+    real_rename = os.rename
+    calls = []
+
+    def rename_then_die(source, destination):
+        calls.append((source, destination))
+        if len(calls) >= killed_at:
+            raise Killed
+        real_rename(source, destination)
+
+    monkeypatch.setattr(folder_module.os, "rename", rename_then_die)
+    monkeypatch.setattr(folder_module, "_remove_marker_last", lambda *a, **k: (_ for _ in ()).throw(Killed()))
+    with pytest.raises(Killed), staged_output(out, overwrite=True) as staging:
+        (staging / "config.json").write_text('{"old": false}\n', encoding="utf-8")
+    monkeypatch.undo()
+    assert (out / "config.json").read_text(encoding="utf-8") == '{"old": false}\n'
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name != "merged")
+    assert leftovers, "the old copy is somewhere beside the output"
+    with caplog.at_level(logging.INFO, logger="hf_mudsc.publish.folder"):
+        removed = clean_leftovers(out)
+    assert [p.name for p in removed] == leftovers
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    assert any("removed" in record.getMessage() for record in caplog.records)
+
+
+def test_a_leftover_staging_folder_that_cannot_be_proven_the_writers_is_kept_and_said(tmp_path, caplog):
+    """A `.DIR.partial-*` folder without the writer's marker (a run killed before writing it, or a copy someone
+    made): it was skipped without a word; now it is kept and the next run says so."""
+    out = merged_folder(tmp_path / "merged")
+    stray = tmp_path / ".merged.partial-abcdefghij"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("mine", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="hf_mudsc.publish.folder"):
+        assert clean_leftovers(out) == []
+    assert (stray / "notes.txt").is_file()
+    assert any(str(stray) in record.getMessage() and "yourself" in record.getMessage() for record in caplog.records)
+    assert (out / MARKER_FILENAME).is_file()
