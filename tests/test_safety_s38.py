@@ -142,3 +142,30 @@ def test_a_leftover_staging_folder_that_cannot_be_proven_the_writers_is_kept_and
     assert (stray / "notes.txt").is_file()
     assert any(str(stray) in record.getMessage() and "yourself" in record.getMessage() for record in caplog.records)
     assert (out / MARKER_FILENAME).is_file()
+
+
+@pytest.mark.parametrize("refit", ["ridge", "gate"])
+def test_the_dry_runs_memory_counts_a_parent_copied_for_the_refit(refit):
+    """merge([A, B], data, refit="ridge", dry_run=True) with B holding A's backbone object (`B.bert = A.bert`): the
+    refit runs a deep copy of B (`refit.replayed_parents`), 4 bytes per parameter more, which the estimate lacked."""
+    import copy
+
+    import torch
+    from factories import make_batches, make_model
+
+    import hf_mudsc
+
+    a, other = make_model("bert_cls", seed=0), make_model("bert_cls", seed=3)
+    b = copy.deepcopy(a)
+    b.classifier = copy.deepcopy(other.classifier)
+    b.bert = a.bert
+    twin = copy.deepcopy(b)
+    batches = make_batches("bert_cls", num_batches=2, batch_size=8)
+    shared = hf_mudsc.merge([a, b], batches, method="mudsc", refit=refit, dry_run=True)
+    unshared = hf_mudsc.merge([a, twin], batches, method="mudsc", refit=refit, dry_run=True)
+    one_parent = 4 * sum(p.numel() for p in b.parameters())
+    assert shared.estimate.peak_memory_bytes - unshared.estimate.peak_memory_bytes == pytest.approx(one_parent, abs=8)
+    none = hf_mudsc.merge([a, b], batches, method="mudsc", refit="none", dry_run=True)
+    assert none.estimate.peak_memory_bytes == hf_mudsc.merge([a, twin], batches, method="mudsc", refit="none",
+                                                             dry_run=True).estimate.peak_memory_bytes
+    assert isinstance(a, torch.nn.Module) and b.bert is a.bert  # the parents are left as given

@@ -392,36 +392,58 @@ def replayed_parents(parents: Sequence[nn.Module]) -> tuple[list[nn.Module], lis
     them may hold one module object: a parent holding the same modules under the same names as an earlier one (the
     same object passed twice, a shallow copy) is run once for both (the same outputs); one holding only some module
     of an earlier one (two heads on one backbone object) is run as a deep copy, made for the refit only (its memory
-    once more, said in the warnings returned third)."""
+    once more, said in the warnings returned third; `copied_for_refit` names them without copying, for the dry
+    run's estimate)."""
     runs: list[nn.Module] = []
-    keys: list[tuple] = []
-    held: dict[int, tuple[int, str]] = {}  # id of a module holding weights -> (parent index, its name there)
     slots = []
     said: list[str] = []
-    for index, parent in enumerate(parents):
-        named = [(name, module) for name, module in parent.named_modules() if name]
-        key = (type(parent), tuple((name, id(module)) for name, module in named),
-               tuple(id(t) for t in (*parent.parameters(recurse=False), *parent.buffers(recurse=False))))
-        if key in keys:
-            slots.append(keys.index(key))
+    for index, (parent, (same, shared)) in enumerate(zip(parents, _sharing(parents))):
+        if same is not None:
+            slots.append(slots[same])
             continue
-        weighted = [(name, module) for name, module in named
-                    if next(module.parameters(), None) is not None or next(module.buffers(), None) is not None]
-        shared = next(((name, held[id(module)]) for name, module in weighted if id(module) in held), None)
         if shared is not None:
-            name, (owner, owner_name) = shared
+            name, owner, owner_name = shared
             said.append(f"refit: parent {parent_label(index)} shares module {name!r}"
                         f"{f' (its {owner_name!r})' if owner_name != name else ''} with parent {parent_label(owner)} "
                         f"(one object in both); the refit runs a copy of parent {parent_label(index)} (its memory "
                         "once more) — pass copy.deepcopy(...) of it to merge to run without one")
             parent = copy.deepcopy(parent)
-        else:
-            for name, module in weighted:
-                held.setdefault(id(module), (index, name))
         slots.append(len(runs))
         runs.append(parent)
-        keys.append(key)
     return runs, slots, said
+
+
+def copied_for_refit(parents: Sequence[nn.Module]) -> list[int]:
+    """The indexes of the `parents` the refit runs as a deep copy (`replayed_parents`): each holds its memory once
+    more while the refit runs."""
+    return [index for index, (same, shared) in enumerate(_sharing(parents)) if same is None and shared is not None]
+
+
+def _sharing(parents: Sequence[nn.Module]) -> list[tuple[int | None, tuple[str, int, str] | None]]:
+    """Per parent: the index of an earlier parent holding the same modules under the same names (run once for both),
+    else None; and, when it holds only some module of an earlier one, (its name, that parent's index, its name
+    there), else None."""
+    keys: list[tuple] = []
+    first: list[int] = []  # the parent index of each distinct key
+    held: dict[int, tuple[int, str]] = {}  # id of a module holding weights -> (parent index, its name there)
+    found: list[tuple[int | None, tuple[str, int, str] | None]] = []
+    for index, parent in enumerate(parents):
+        named = [(name, module) for name, module in parent.named_modules() if name]
+        key = (type(parent), tuple((name, id(module)) for name, module in named),
+               tuple(id(t) for t in (*parent.parameters(recurse=False), *parent.buffers(recurse=False))))
+        if key in keys:
+            found.append((first[keys.index(key)], None))
+            continue
+        weighted = [(name, module) for name, module in named
+                    if next(module.parameters(), None) is not None or next(module.buffers(), None) is not None]
+        shared = next(((name, *held[id(module)]) for name, module in weighted if id(module) in held), None)
+        if shared is None:
+            for name, module in weighted:
+                held.setdefault(id(module), (index, name))
+        found.append((None, shared))
+        keys.append(key)
+        first.append(index)
+    return found
 
 
 def refit_model(
