@@ -193,6 +193,19 @@ class RidgeAccumulator:
         return solution[:d].T, (solution[d] if self.bias else None), ridge
 
 
+def _check_finite(name: str, outputs: Sequence[torch.Tensor]) -> None:
+    """Refuse, in the refit's first pass, parents' layer outputs that are infinite or NaN: their float32 forward
+    overflowed (calibration values far beyond what the parents were trained on, e.g. 1e20), and every statistic and
+    refitted weight would be NaN — refused only at the end as if the merge's options had overflowed."""
+    for index, output in enumerate(outputs):
+        if not bool(torch.isfinite(output).all()):
+            raise CalibrationError(
+                f"refit: parent {parent_label(index)}'s output of layer {name!r} is infinite or NaN on the "
+                "calibration data: the data holds infinite or NaN values, or values too large for float32 "
+                "activations (the refit's statistics are computed from them); pass calibration data scaled as the "
+                "parents were trained on (e.g. through their processor), or check that parent's weights")
+
+
 def _default_lambda() -> float:
     return next(f.default for f in dataclasses.fields(MergeOptions) if f.name == "refit_lambda")
 
@@ -567,6 +580,7 @@ def refit_model(
                                 # Computed and kept in float32 (the parents' own precision; a float64 round trip
                                 # changed a target by at most 1 ulp and took twice the time).
                                 ys = [token_rows(out[name], mask).to(torch.float32) for out in outputs]
+                                _check_finite(name, ys)
                                 cached[name].append(_target(spec, maps, name, name == head and concatenate_classifier,
                                                             ys, shares, centred, splits))
                             del outputs
