@@ -171,7 +171,8 @@ def test_the_dry_runs_memory_counts_a_parent_copied_for_the_refit(refit):
     assert isinstance(a, torch.nn.Module) and b.bert is a.bert  # the parents are left as given
 
 
-def test_a_refit_on_data_too_large_for_float32_names_the_data_not_the_options():
+@pytest.mark.parametrize("refit", ["ridge", "repair"])
+def test_a_refit_on_data_too_large_for_float32_names_the_data_not_the_options(refit):
     """merge([A, B], pixel_values × 1e20, method="average", refit="ridge"): "the options overflowed float32; use
     moderate weights= / scaling= values" — options the user never passed; the parents' activations overflowed."""
     from factories import fine_tune, make_batches, make_model
@@ -184,7 +185,7 @@ def test_a_refit_on_data_too_large_for_float32_names_the_data_not_the_options():
     batches = [{key: value * 1e20 if key == "pixel_values" else value for key, value in batch.items()}
                for batch in make_batches("vit_cls", num_batches=1, batch_size=4)]
     with pytest.raises(CalibrationError) as caught:
-        hf_mudsc.merge([a, b], batches, method="average", refit="ridge", progress=False)
+        hf_mudsc.merge([a, b], batches, method="average", refit=refit, progress=False)
     message = str(caught.value)
     assert "refit" in message and "too large for float32" in message and "weights=" not in message
     assert "calibration data" in message and "\n" not in message

@@ -194,16 +194,22 @@ class RidgeAccumulator:
 
 
 def _check_finite(name: str, outputs: Sequence[torch.Tensor]) -> None:
-    """Refuse, in the refit's first pass, parents' layer outputs that are infinite or NaN: their float32 forward
-    overflowed (calibration values far beyond what the parents were trained on, e.g. 1e20), and every statistic and
-    refitted weight would be NaN — refused only at the end as if the merge's options had overflowed."""
+    """Refuse, in the refit's first pass, parents' layer outputs that are infinite or NaN (`non_finite_output`)."""
     for index, output in enumerate(outputs):
         if not bool(torch.isfinite(output).all()):
-            raise CalibrationError(
-                f"refit: parent {parent_label(index)}'s output of layer {name!r} is infinite or NaN on the "
-                "calibration data: the data holds infinite or NaN values, or values too large for float32 "
-                "activations (the refit's statistics are computed from them); pass calibration data scaled as the "
-                "parents were trained on (e.g. through their processor), or check that parent's weights")
+            raise non_finite_output(name, index)
+
+
+def non_finite_output(name: str, index: int) -> CalibrationError:
+    """The refusal of a parent's layer output that is infinite or NaN on the calibration data: its float32 forward
+    overflowed (values far beyond what the parents were trained on, e.g. 1e20) and every statistic and refitted
+    weight would be NaN — refused only at the end, as if the merge's options had overflowed. Said in the refit's
+    (and REPAIR's) first pass, naming the data and the fix."""
+    return CalibrationError(
+        f"refit: parent {parent_label(index)}'s output of layer {name!r} is infinite or NaN on the calibration data: "
+        "the data holds infinite or NaN values, or values too large for float32 activations (the refit's statistics "
+        "are computed from them); pass calibration data scaled as the parents were trained on (e.g. through their "
+        "processor), or check that parent's weights")
 
 
 def _default_lambda() -> float:
