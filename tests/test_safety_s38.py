@@ -189,3 +189,35 @@ def test_a_refit_on_data_too_large_for_float32_names_the_data_not_the_options(re
     message = str(caught.value)
     assert "refit" in message and "too large for float32" in message and "weights=" not in message
     assert "calibration data" in message and "\n" not in message
+
+
+@pytest.fixture(scope="module")
+def pushable(tmp_path_factory):
+    """A merged folder as `hf-mudsc merge --output` writes it (two tiny ViTs averaged)."""
+    from factories import make_model
+
+    import hf_mudsc
+
+    merged = hf_mudsc.merge([make_model("vit_cls", seed=0), make_model("vit_cls", seed=1)], None, method="average",
+                            progress=False)
+    return hf_mudsc.save_merged(merged, tmp_path_factory.mktemp("safety38_push") / "merged")
+
+
+def test_a_push_to_a_new_branch_leaves_mains_other_files_off_it_says_so_and_main_keeps_them(hub_cli, local_hub,
+                                                                                             pushable):
+    """hf-mudsc push DIR user/m --revision exp (no such branch): main's files the folder lacks (another model's shard
+    index, a user's notes) were deleted on the new branch without a word on stdout. Kept so (a stale index would load
+    main's weights from the branch), main keeps them, and the printed line now says how many left the branch."""
+    hub = local_hub
+    hub.create_repo("user/m38")
+    hub.commit_files("user/m38", {"model.safetensors.index.json": b'{"weight_map": {}}', "notes.md": b"mine"},
+                     "main's model")
+    main_head = hub.head("user/m38")
+    pushed = hub_cli("push", str(pushable), "user/m38", "--revision", "exp")
+    assert pushed.returncode == 0, pushed.stderr
+    on_branch = hub.list_files("user/m38", revision="exp")
+    assert "model.safetensors.index.json" not in on_branch and "notes.md" not in on_branch
+    assert hub.head("user/m38") == main_head
+    assert {"model.safetensors.index.json", "notes.md"} <= set(hub.list_files("user/m38"))
+    line = pushed.stdout.strip().splitlines()[-1]
+    assert "(branch exp)" in line and "2 files" in line and "main keeps" in line

@@ -82,7 +82,12 @@ def pushed_line(folder: str | None, result: PushResult) -> str:
                    "lacks" if count else "")
         return f"{what} {result.url} as a pull request: {result.pr_url} (commit {result.commit_sha}){deletes}"
     branch = f" (branch {result.revision})" if result.revision and result.revision != "main" else ""
-    return f"{what} {result.url}{branch} (commit {result.commit_sha})"
+    count = len(result.deleted)
+    # A branch's files the folder lacks are not on it after the commit (a new branch: main's, copied at its creation),
+    # unlike `hf upload --revision`, which keeps them: a stale shard index would load main's weights from the branch.
+    deletes = (f"; {count} file{'s' if count > 1 else ''} the folder lacks {'are' if count > 1 else 'is'} not on the "
+               "branch (main keeps its own)" if branch and count else "")
+    return f"{what} {result.url}{branch} (commit {result.commit_sha}){deletes}"
 
 
 def run(args: argparse.Namespace) -> int:
