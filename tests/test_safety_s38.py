@@ -18,6 +18,7 @@ from hf_mudsc.publish.folder import (
     clean_leftovers,
     read_marker,
     record_files,
+    replace_files_together,
     staged_output,
     unlisted_files,
     write_file_atomically,
@@ -52,7 +53,12 @@ def test_two_writers_of_one_merged_folder_never_lose_each_others_marker_entry(tm
 
     def write(name: str) -> None:
         try:
-            write_file_atomically(out / name, lambda to: to.write_text(name, encoding="utf-8"), owner=out)
+            if name == "eval_results.json":  # as `hf-mudsc evaluate` writes its results, chart and card
+                replace_files_together([(out / name, lambda to: to.write_text(name, encoding="utf-8")),
+                                        (out / "README.md", lambda to: to.write_text("# scored\n", encoding="utf-8"))],
+                                       owner=out)
+            else:  # as `inspect` writes a plot
+                write_file_atomically(out / name, lambda to: to.write_text(name, encoding="utf-8"), owner=out)
         except BaseException as error:  # noqa: BLE001 - reported by the test
             errors.append(error)
 
@@ -69,28 +75,32 @@ def test_two_writers_of_one_merged_folder_never_lose_each_others_marker_entry(tm
     assert {"eval_results.json", "notes.json"} <= set(read_marker(out)["files"])
 
 
-def test_a_writer_waiting_too_long_for_another_is_refused_in_one_line(tmp_path, monkeypatch):
-    """A run still writing into the folder (its lock held) past the wait: the second is refused in one line, not
-    left to race it."""
+def test_a_writer_waiting_too_long_for_another_process_is_refused_in_one_line(tmp_path, monkeypatch):
+    """Another process still writing into the folder (its lock held) past the wait: this one is refused in one line,
+    not left to race it; once that process ends (its lock with it), the write goes through."""
+    import subprocess
+    import sys
+
     out = merged_folder(tmp_path / "merged")
     monkeypatch.setattr(folder_module, "LOCK_WAIT_SECONDS", 0.3)
-    with folder_module.folder_lock(out):
-        result: list[BaseException] = []
-
-        def write() -> None:
-            try:
-                write_file_atomically(out / "eval_results.json", lambda to: to.write_text("{}", encoding="utf-8"),
-                                      owner=out)
-            except BaseException as error:  # noqa: BLE001 - reported by the test
-                result.append(error)
-
-        thread = threading.Thread(target=write)
-        thread.start()
-        thread.join(10)
-    assert len(result) == 1 and isinstance(result[0], FileExistsError)
-    message = str(result[0])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom hf_mudsc.publish.folder import "
+         "folder_lock\nwith folder_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(60)\n",
+         str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FileExistsError) as caught:
+            write_file_atomically(out / "eval_results.json", lambda to: to.write_text("{}", encoding="utf-8"),
+                                  owner=out)
+    finally:
+        holder.kill()
+        holder.wait(10)
+    message = str(caught.value)
     assert "another hf-mudsc run" in message and "run again" in message and "\n" not in message
     assert not (out / "eval_results.json").exists()
+    assert unlisted_files(out, check_content=True) == ([], [])
+    write_file_atomically(out / "eval_results.json", lambda to: to.write_text("{}", encoding="utf-8"), owner=out)
+    assert "eval_results.json" in read_marker(out)["files"]
 
 
 @pytest.mark.parametrize("killed_at", [1, 2])
