@@ -851,15 +851,20 @@ def _put_in_place(writes: list[tuple[Path, Callable[[Path], None]]], *, root: Pa
 def folder_lock(folder: Path) -> Iterator[None]:
     """Hold `folder`'s writer lock within the block: an advisory `flock` on the folder itself (no lock file: one
     would be a file the marker does not list, and the lock ends with its process, even a killed one). Two runs
-    (`evaluate`, `inspect`, a merge renaming its output in) that rewrite the marker one after the other then each
-    read the marker the other left. Waits up to `LOCK_WAIT_SECONDS`, then refuses in one line; where the system has
+    (`evaluate`, `inspect`: `_put_in_place`) that rewrite the marker then do so one after the other, each reading the
+    marker the other left. Waits up to `LOCK_WAIT_SECONDS`, then refuses in one line; where the system has
     no `flock` (Windows), the block runs unlocked, as before."""
     try:
         import fcntl
     except ImportError:
         yield
         return
-    handle = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        handle = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as error:  # a folder that may be written but not read: unlocked, as before
+        logger.debug("no writer lock on %s (%s)", folder, error)
+        yield
+        return
     try:
         deadline = time.monotonic() + LOCK_WAIT_SECONDS
         while True:
@@ -869,10 +874,14 @@ def folder_lock(folder: Path) -> Iterator[None]:
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     raise FileExistsError(
-                        f"another hf-mudsc run has been writing into {str(folder)!r} for over {LOCK_WAIT_SECONDS:g} s "
-                        "(it holds the folder's lock): nothing was written into it; run again once that run ends"
+                        f"another hf-mudsc run is writing into {str(folder)!r} (this one waited "
+                        f"{LOCK_WAIT_SECONDS:g} s for its lock): nothing was written into it; run again once that run "
+                        "ends"
                     ) from None
                 time.sleep(0.05)
+            except OSError as error:  # a filesystem without locks (some network mounts): unlocked, as before
+                logger.debug("no writer lock on %s (%s)", folder, error)
+                break
         yield
     finally:
         os.close(handle)  # releases the lock
