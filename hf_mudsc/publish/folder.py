@@ -67,6 +67,11 @@ MARKER_FILENAME = ".hf_mudsc_output.json"
 MARKER_MAX_BYTES = 64 * 2**20
 WRITER = "hf-mudsc"
 STAGING_SUFFIX_LENGTH = len(PARTIAL_MARK) + 10  # what mkdtemp adds to `.{name}`
+_STAGING_SUFFIX = re.compile(r"[a-z0-9_]{8}")  # mkdtemp's random part (`tempfile._RandomNameSequence`)
+# In a staging folder's complete marker: its own name, which the old output takes when the atomic swap exchanges the
+# two (`exchange_paths`). The output in place then names the one `.{name}.partial-*` folder that is its replaced
+# copy (`clean_leftovers`): a user's copy of a finished output, under any name, is never taken for it.
+SWAPS_OUT_AS = "swaps_out_as"
 #: The most folders a new output may need created above it: far beyond any real layout, well below the depth at
 #: which creating them recursively exhausts Python's stack (~1000).
 MAX_NEW_FOLDERS = 100
@@ -326,14 +331,16 @@ def interrupted_replacement(folder: str | os.PathLike) -> list[str]:
     return sorted(replacing) if isinstance(replacing, dict) else []
 
 
-def record_files(folder: str | os.PathLike, *, complete: bool = True, staging: bool = False) -> dict[str, Any]:
+def record_files(folder: str | os.PathLike, *, complete: bool = True, staging: bool = False,
+                 swaps_out_as: str | None = None) -> dict[str, Any]:
     """Write the marker of `folder`: every regular file in it (symlinks are never listed) with size and sha256.
 
     Called by `staged_output` when the block ends (and by writers that use a folder before that, e.g. to
     push it). `complete=False` is the marker a staging folder gets at once; `staging=True` records this
     process and host, so a leftover of a killed run can be told apart from a folder another run is writing
     (the final output carries neither). A complete marker first gives the files the usual modes
-    (`_normalise_modes`): a chmod after hashing would move their ctime and cost another read.
+    (`_normalise_modes`): a chmod after hashing would move their ctime and cost another read. `swaps_out_as`: the
+    staging folder's own name, recorded before `overwrite` swaps it in (`SWAPS_OUT_AS`).
     """
     folder = Path(folder)
     files = {}
@@ -350,6 +357,8 @@ def record_files(folder: str | os.PathLike, *, complete: bool = True, staging: b
         marker["folders"] = folders
     if staging:  # who is writing: a leftover is only removed once its writer is gone
         marker.update(pid=os.getpid(), host=socket.gethostname())
+    if swaps_out_as is not None:
+        marker[SWAPS_OUT_AS] = swaps_out_as
     _write_marker(folder, marker)
     return marker
 
@@ -578,9 +587,11 @@ def clean_leftovers(output: str | os.PathLike) -> list[Path]:
                            "yourself once nothing in it is yours", candidate, target, MARKER_FILENAME, target)
             continue
         if marker.get("complete") and "pid" not in marker and "host" not in marker:
-            # a finished output under a staging name: the old copy an atomic `overwrite` swapped out (`exchange_paths`)
-            # before its rename to `.{name}.old-*` — only once the new output is in place, as `old_copies_left`
-            if target.is_dir() and _remove_old_copy(candidate, target):
+            # A finished output under a staging name: deleted only when it is the old copy an atomic `overwrite`
+            # swapped out (`exchange_paths`) before its rename to `.{name}.old-*` — the output in place names this
+            # very folder (`SWAPS_OUT_AS`), a name of mkdtemp's shape; any other (a user's `cp -a out
+            # .out.partial-keep`) is theirs, and kept without a word.
+            if swapped_out_copy(candidate, target) and _remove_old_copy(candidate, target):
                 removed.append(candidate)
             continue
         if marker.get("host") != socket.gethostname() or _pid_alive(marker.get("pid")):
@@ -598,6 +609,17 @@ def clean_leftovers(output: str | os.PathLike) -> list[Path]:
         logger.info("removed %s, left by an interrupted run", candidate)
         removed.append(candidate)
     return removed
+
+
+def swapped_out_copy(candidate: Path, target: Path) -> bool:
+    """Whether `candidate` is where an atomic `overwrite` of `target` swapped the old output out: the output in place
+    (a folder) names it in its marker (`SWAPS_OUT_AS`), and the name is a staging folder's as mkdtemp makes it."""
+    prefix = f".{target.name}{PARTIAL_MARK}"
+    if not candidate.name.startswith(prefix) or not _STAGING_SUFFIX.fullmatch(candidate.name[len(prefix):]):
+        return False
+    if not target.is_dir() or target.is_symlink():
+        return False
+    return (read_marker(target) or {}).get(SWAPS_OUT_AS) == candidate.name
 
 
 def old_copies_left(target: Path) -> list[Path]:
@@ -711,7 +733,7 @@ def staged_output(
             if target is not None:
                 # Complete, and still naming this process until it is in place: killed meanwhile (the old folder's
                 # check before the swap hashes a whole model), it is a leftover the next run removes.
-                record_files(staging, staging=True)
+                record_files(staging, staging=True, swaps_out_as=staging.name)
                 check = _RENAME_CHECK.get()
                 if check is not None:
                     check()
@@ -820,6 +842,7 @@ def _put_in_place(writes: list[tuple[Path, Callable[[Path], None]]], *, root: Pa
     replaced get their previous content back (held in memory: these are cards, results and charts)."""
     staged: list[tuple[Path, Path]] = []
     listings: tuple[Path, Path] | None = None
+    began_in = _identity(root) if root is not None and root.is_dir() else None  # the folder these files go into
     try:
         for folder in dict.fromkeys([*(path.parent for path, _ in writes), *([root] if root is not None else [])]):
             if folder.is_dir():
@@ -834,6 +857,11 @@ def _put_in_place(writes: list[tuple[Path, Callable[[Path], None]]], *, root: Pa
         # One writer at a time from reading the marker to the last rename: another run's marker read meanwhile
         # would be renamed over this one's, dropping the files this run put in place (`folder_lock`).
         with folder_lock(root) if root is not None and root.is_dir() else nullcontext():
+            if root is not None and began_in is not None and _identity(root) != began_in:
+                raise FileExistsError(
+                    f"{str(root)!r} was replaced by another hf-mudsc run (merge --overwrite) while this one was "
+                    "writing into it: nothing was written into the new folder; run again to write into it"
+                )
             # The marker names the new files before any is in place: a full disk fails here and changes nothing.
             listings = _marker_listings(root, staged, finished=finished) if root is not None else None
             renames = list(staged)
@@ -853,38 +881,55 @@ def folder_lock(folder: Path) -> Iterator[None]:
     would be a file the marker does not list, and the lock ends with its process, even a killed one). Two runs
     (`evaluate`, `inspect`: `_put_in_place`) that rewrite the marker then do so one after the other, each reading the
     marker the other left. Waits up to `LOCK_WAIT_SECONDS`, then refuses in one line; where the system has
-    no `flock` (Windows), the block runs unlocked, as before."""
+    no `flock` (Windows), the block runs unlocked, as before. The lock held is that of the folder at `folder` once
+    it is locked: one `overwrite` swapped out meanwhile (`_move_into_place` holds the lock to swap) is let go, and
+    the new one's taken."""
     try:
         import fcntl
     except ImportError:
         yield
         return
-    try:
-        handle = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError as error:  # a folder that may be written but not read: unlocked, as before
-        logger.debug("no writer lock on %s (%s)", folder, error)
-        yield
-        return
-    try:
-        deadline = time.monotonic() + LOCK_WAIT_SECONDS
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise FileExistsError(
-                        f"another hf-mudsc run is writing into {str(folder)!r} (this one waited "
-                        f"{LOCK_WAIT_SECONDS:g} s for its lock): nothing was written into it; run again once that run "
-                        "ends"
-                    ) from None
-                time.sleep(0.05)
-            except OSError as error:  # a filesystem without locks (some network mounts): unlocked, as before
-                logger.debug("no writer lock on %s (%s)", folder, error)
-                break
-        yield
-    finally:
-        os.close(handle)  # releases the lock
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        try:
+            handle = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError as error:  # a folder that may be written but not read: unlocked, as before
+            logger.debug("no writer lock on %s (%s)", folder, error)
+            yield
+            return
+        try:
+            locked = _flock_until(fcntl, handle, folder, deadline)
+            if locked and _identity(folder) != _handle_identity(handle):
+                continue  # the folder was swapped while this run waited: lock the one there now (finally closes)
+            yield
+            return
+        finally:
+            os.close(handle)  # releases the lock
+
+
+def _flock_until(fcntl: Any, handle: int, folder: Path, deadline: float) -> bool:
+    """Take the exclusive `flock` of `handle` (the folder `folder`), waiting until `deadline`, then refusing in one
+    line. False when the filesystem has no locks (some network mounts): the caller runs unlocked, as before."""
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise FileExistsError(
+                    f"another hf-mudsc run is writing into {str(folder)!r} (this one waited "
+                    f"{LOCK_WAIT_SECONDS:g} s for its lock): nothing was written into it; run again once that run "
+                    "ends"
+                ) from None
+            time.sleep(0.05)
+        except OSError as error:
+            logger.debug("no writer lock on %s (%s)", folder, error)
+            return False
+
+
+def _handle_identity(handle: int) -> tuple[int, int]:
+    found = os.fstat(handle)
+    return found.st_dev, found.st_ino
 
 
 def temporary_beside(path: Path) -> Path:
@@ -996,6 +1041,18 @@ def _move_into_place(staging: Path, target: Path, *, overwrite: bool, keep_exist
                 raise
     if keep_existing:
         return
+    # The old folder's writer lock from its last check to the swap: a run writing into it (`evaluate`) finishes
+    # before it is checked, or waits, then finds the new folder there and refuses (`_put_in_place`).
+    with folder_lock(target) if target.is_dir() and not target.is_symlink() else nullcontext():
+        backup = _swap_checked(staging, target, overwrite=overwrite, flag=flag, existed=existed, placed=placed)
+    _delete_old_copy(target, backup)
+
+
+def _swap_checked(staging: Path, target: Path, *, overwrite: bool, flag: str, existed: bool,
+                  placed: tuple[int, int] | None) -> Path:
+    """Check the existing `target` once more and put `staging` in its place: in one step where the system can
+    (`exchange_paths`), else by two renames (the old folder put back on a failure); the marker then stops naming this
+    process (`_drop_writer`). Returns where the old folder now is, to delete."""
     if existed:
         check_output(target, overwrite=overwrite, flag=flag)  # it may have changed since the first check
     else:  # absent when the run began: someone made it meanwhile
@@ -1010,9 +1067,8 @@ def _move_into_place(staging: Path, target: Path, *, overwrite: bool, keep_exist
         try:
             os.rename(staging, backup)
         except OSError:  # deleted under the staging name then; a leftover there is an old copy (`clean_leftovers`)
-            backup = staging
-        _delete_old_copy(target, backup)
-        return
+            return staging
+        return backup
     os.rename(target, backup)  # no atomic exchange here: two renames, the old folder put back on a failure
     try:
         os.rename(staging, target)
@@ -1026,7 +1082,7 @@ def _move_into_place(staging: Path, target: Path, *, overwrite: bool, keep_exist
             _check_appeared(target, overwrite=False, flag=flag, replacing=overwrite)  # another run finished first
         raise
     _drop_writer(target, placed)
-    _delete_old_copy(target, backup)
+    return backup
 
 
 def _delete_old_copy(target: Path, backup: Path) -> None:
@@ -1074,13 +1130,14 @@ def _drop_writer(target: Path, placed: tuple[int, int] | None) -> None:
     meanwhile stay listed. Only while `target` is still the folder `placed` (its identity) and its marker names this
     process: another run's folder put there meanwhile keeps its own. Not done (a full disk): said, and harmless (only
     a staging folder's process is ever read: `clean_leftovers`)."""
-    if placed is None or _identity(target) != placed:
-        return
-    marker = read_marker(target)
-    if marker is None or marker.get("pid") != os.getpid() or marker.get("host") != socket.gethostname():
-        return
     try:
-        _write_marker(target, {key: value for key, value in marker.items() if key not in ("pid", "host")})
+        with folder_lock(target):  # another writer's marker rewrite (`_put_in_place`) is not lost to this one
+            if placed is None or _identity(target) != placed:
+                return
+            marker = read_marker(target)
+            if marker is None or marker.get("pid") != os.getpid() or marker.get("host") != socket.gethostname():
+                return
+            _write_marker(target, {key: value for key, value in marker.items() if key not in ("pid", "host")})
     except OSError as error:
         logger.warning("%s is in place and complete, but its %s still names this process and host (%s), which "
                        "nothing reads there", target, MARKER_FILENAME, error.strerror or error)
