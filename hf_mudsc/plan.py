@@ -606,14 +606,20 @@ def average_check_possible(options: MergeOptions, num_parents: int, *, concatena
                for method in candidates if method.name != AVERAGE_CHECK_METHOD)
 
 
-def _refit_copies(located: Sequence[Any], streaming: bool) -> list[str]:
+def _refit_copies(located: Sequence[Any], streaming: bool, refit: str) -> list[str]:
     """The letters of the model objects given that the refit runs as a deep copy (`apply.refit.copied_for_refit`: one
     holding some module of an earlier parent), less those the merge copies anyway to parent A's label order (their
-    copy shares nothing): each is held once more while the refit runs. Parents named by reference load apart."""
+    copy shares nothing): each is held once more while the refit runs. Parents named by reference load apart. None
+    for a refit that replays no parent (`apply.refit.REPLAYING_REFITS`: REPAIR, no refit)."""
+    if refit not in REFITTING:  # no refit runs: nothing of the refit's imported (torch)
+        return []
     import torch
 
-    from hf_mudsc.apply.refit import copied_for_refit
+    from hf_mudsc.apply.refit import REPLAYING_REFITS, copied_for_refit
     from hf_mudsc.load.parents import unloaded
+
+    if refit not in REPLAYING_REFITS:
+        return []
 
     held = [(index, parent.model if parent.model is not None else (parent.loaded.model if parent.loaded else None))
             for index, parent in enumerate(located)]
@@ -1045,7 +1051,7 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         widths=widths, columns=columns, group_tokens=group_tokens, linear_params=linear, tokens=counted,
         num_parameters=parents[0].num_parameters, rows=rows, needs_statistics=method.needs_calibration,
         matmul_flops=matmul_flops or matmul_rate(), solves=method.matches_units, parents=len(models),
-        base=base_whole, copies=copies + (len(_refit_copies(located, streaming)) if refit in REFITTING else 0),
+        base=base_whole, copies=copies + len(_refit_copies(located, streaming, refit)),
         whole=whole, multi_start=not options.reference_compat,
         alpha_search=searched, refit=refit,
         refit_layers=refitted, refit_examples=refit_examples, refit_memory=refit_memory,

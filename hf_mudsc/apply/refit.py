@@ -68,6 +68,10 @@ SHARED_BASIS_THRESHOLD = 0.5
 # them, at most this many bytes: the parents then run once per chunk of consecutive steps (a whole transformer block
 # or half of one) instead of once per step. Bounded by the refit's sample count, never by the calibration set's.
 TARGET_CACHE_BYTES = 256 * 2**20
+#: The resolved `refit` values this module runs (`refit_model`: the ridge refit, also the gate's before it decides),
+#: each replaying the parents (`replayed_parents`: one sharing a module object with another runs as a deep copy).
+#: REPAIR (`apply.repair`) reads each parent's moments as given and copies none.
+REPLAYING_REFITS = ("ridge", "gate")
 # Bytes per cached target element (float32).
 _TARGET_BYTES = 4
 # `refit_samples="auto"`: enough examples that every per-token layer's least squares has at least this many rows
@@ -193,10 +197,17 @@ class RidgeAccumulator:
         return solution[:d].T, (solution[d] if self.bias else None), ridge
 
 
-def _check_finite(name: str, outputs: Sequence[torch.Tensor]) -> None:
-    """Refuse, in the refit's first pass, parents' layer outputs that are infinite or NaN (`non_finite_output`)."""
-    for index, output in enumerate(outputs):
-        if not bool(torch.isfinite(output).all()):
+def _check_finite(flags: Sequence[tuple[str, int, torch.Tensor]]) -> None:
+    """Refuse, in the refit's first pass, parents' layer outputs that are infinite or NaN (`non_finite_output`).
+    `flags`: (layer, parent index, whether its output is all finite) for one batch, read back at once (one device
+    sync a batch, not one per layer and parent); the first non-finite one is named."""
+    if not flags:
+        return
+    device = flags[0][2].device
+    if bool(torch.stack([flag.to(device) for _, _, flag in flags]).all()):
+        return
+    for name, index, flag in flags:
+        if not bool(flag):
             raise non_finite_output(name, index)
 
 
@@ -581,14 +592,16 @@ def refit_model(
                                 replay.batch(number)
                                 outputs.append(capture_layers(parent, names, batch, "output", until=replay.storing))
                             outputs = [outputs[slot] for slot in slots]
+                            finite = []
                             for name in names:
                                 mask = _mask(spec, name, batch, norm=_is_refit_norm(modules[name]))
                                 # Computed and kept in float32 (the parents' own precision; a float64 round trip
                                 # changed a target by at most 1 ulp and took twice the time).
                                 ys = [token_rows(out[name], mask).to(torch.float32) for out in outputs]
-                                _check_finite(name, ys)
+                                finite += [(name, index, torch.isfinite(y).all()) for index, y in enumerate(ys)]
                                 cached[name].append(_target(spec, maps, name, name == head and concatenate_classifier,
                                                             ys, shares, centred, splits))
+                            _check_finite(finite)
                             del outputs
                     report.parent_passes += 1
                     if position == 0 and samples is not None and report.examples < samples:
