@@ -606,6 +606,29 @@ def average_check_possible(options: MergeOptions, num_parents: int, *, concatena
                for method in candidates if method.name != AVERAGE_CHECK_METHOD)
 
 
+def _refit_copies(located: Sequence[Any], streaming: bool, refit: str) -> list[str]:
+    """The letters of the model objects given that the refit runs as a deep copy (`apply.refit.copied_for_refit`: one
+    holding some module of an earlier parent), less those the merge copies anyway to parent A's label order (their
+    copy shares nothing): each is held once more while the refit runs. Parents named by reference load apart. None
+    for a refit that replays no parent (`apply.refit.REPLAYING_REFITS`: REPAIR, no refit)."""
+    if refit not in REFITTING:  # no refit runs: nothing of the refit's imported (torch)
+        return []
+    import torch
+
+    from hf_mudsc.apply.refit import REPLAYING_REFITS, copied_for_refit
+    from hf_mudsc.load.parents import unloaded
+
+    if refit not in REPLAYING_REFITS:
+        return []
+
+    held = [(index, parent.model if parent.model is not None else (parent.loaded.model if parent.loaded else None))
+            for index, parent in enumerate(located)]
+    held = [(index, model) for index, model in held if isinstance(model, torch.nn.Module)]
+    reordered = set(head_copies([unloaded(parent) for parent in located], streaming=streaming))
+    letters = [parent_label(held[position][0]) for position in copied_for_refit([model for _, model in held])]
+    return [letter for letter in letters if letter not in reordered]
+
+
 def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens: Sequence[int],
                   linear_params: Mapping[str, int], tokens: Mapping[str, int], num_parameters: int,
                   rows: int | None, needs_statistics: bool, matmul_flops: float, solves: bool = True,
@@ -1028,7 +1051,8 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         widths=widths, columns=columns, group_tokens=group_tokens, linear_params=linear, tokens=counted,
         num_parameters=parents[0].num_parameters, rows=rows, needs_statistics=method.needs_calibration,
         matmul_flops=matmul_flops or matmul_rate(), solves=method.matches_units, parents=len(models),
-        base=base_whole, copies=copies, whole=whole, multi_start=not options.reference_compat,
+        base=base_whole, copies=copies + len(_refit_copies(located, streaming, refit)),
+        whole=whole, multi_start=not options.reference_compat,
         alpha_search=searched, refit=refit,
         refit_layers=refitted, refit_examples=refit_examples, refit_memory=refit_memory,
         data_pass_flops=method.data_pass_flops(facts, len(models)) if method.needs_data else 0.0,

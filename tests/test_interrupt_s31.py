@@ -286,7 +286,11 @@ def test_an_overwrite_losing_the_race_to_another_run_is_refused_and_says_where_t
                                                                                                   caplog):
     """Run A renamed the old DIR aside, run B renamed its own DIR in, A's rename then failed (directory not empty)
     and so did putting the old DIR back: an OSError traceback. Now the one-line "appeared meanwhile" refusal, B's DIR
-    kept, and the old copy's place said (the next run removes it)."""
+    kept, and the old copy's place said (the next run removes it). The two renames are the fallback where the
+    system cannot swap the folders in one step (`exchange_paths` False): the swap leaves no such moment."""
+    from hf_mudsc.publish import folder as folder_module
+
+    monkeypatch.setattr(folder_module, "exchange_paths", lambda first, second: False)
     out, other = tmp_path / "out", tmp_path / "other"
     for folder, tag in ((out, "old"), (other, "run B")):
         with staged_output(folder) as staging:

@@ -116,6 +116,10 @@ def test_an_output_that_is_a_link_loop_is_refused_in_one_line(tmp_path):
 
 
 def test_a_failure_of_the_final_rename_puts_the_old_output_back(tmp_path, monkeypatch):
+    """Where the system cannot swap the folders in one step (`exchange_paths` False), the two renames' fallback."""
+    from hf_mudsc.publish import folder as folder_module
+
+    monkeypatch.setattr(folder_module, "exchange_paths", lambda first, second: False)
     out = previous_output(tmp_path)
     before = digest(out)
     real_rename = os.rename

@@ -89,7 +89,18 @@ def test_files_evaluated_into_the_output_right_after_its_rename_stay_listed(tmp_
         if PARTIAL_MARK in Path(source).name and Path(target) == out:
             _evaluate(out)
 
+    from hf_mudsc.publish import folder as folder_module
+
+    real_exchange = folder_module.exchange_paths
+
+    def exchange_then_evaluate(first, second):  # the swap in one step, where the system has it (session 38)
+        exchanged = real_exchange(first, second)
+        if exchanged and Path(second) == out:
+            _evaluate(out)
+        return exchanged
+
     monkeypatch.setattr(os, "rename", rename_then_evaluate)
+    monkeypatch.setattr(folder_module, "exchange_paths", exchange_then_evaluate)
     _merged(out, "# new card\n")
     monkeypatch.undo()
     _assert_all_listed(out)

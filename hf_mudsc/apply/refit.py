@@ -68,6 +68,10 @@ SHARED_BASIS_THRESHOLD = 0.5
 # them, at most this many bytes: the parents then run once per chunk of consecutive steps (a whole transformer block
 # or half of one) instead of once per step. Bounded by the refit's sample count, never by the calibration set's.
 TARGET_CACHE_BYTES = 256 * 2**20
+#: The resolved `refit` values this module runs (`refit_model`: the ridge refit, also the gate's before it decides),
+#: each replaying the parents (`replayed_parents`: one sharing a module object with another runs as a deep copy).
+#: REPAIR (`apply.repair`) reads each parent's moments as given and copies none.
+REPLAYING_REFITS = ("ridge", "gate")
 # Bytes per cached target element (float32).
 _TARGET_BYTES = 4
 # `refit_samples="auto"`: enough examples that every per-token layer's least squares has at least this many rows
@@ -191,6 +195,32 @@ class RidgeAccumulator:
         except torch.linalg.LinAlgError:  # a ridge below float64's resolution of a rank-deficient Gram
             raise SingularRefitError(f"{self.samples} rows for {len(self.gram)} inputs") from None
         return solution[:d].T, (solution[d] if self.bias else None), ridge
+
+
+def _check_finite(flags: Sequence[tuple[str, int, torch.Tensor]]) -> None:
+    """Refuse, in the refit's first pass, parents' layer outputs that are infinite or NaN (`non_finite_output`).
+    `flags`: (layer, parent index, whether its output is all finite) for one batch, read back at once (one device
+    sync a batch, not one per layer and parent); the first non-finite one is named."""
+    if not flags:
+        return
+    device = flags[0][2].device
+    if bool(torch.stack([flag.to(device) for _, _, flag in flags]).all()):
+        return
+    for name, index, flag in flags:
+        if not bool(flag):
+            raise non_finite_output(name, index)
+
+
+def non_finite_output(name: str, index: int) -> CalibrationError:
+    """The refusal of a parent's layer output that is infinite or NaN on the calibration data: its float32 forward
+    overflowed (values far beyond what the parents were trained on, e.g. 1e20) and every statistic and refitted
+    weight would be NaN — refused only at the end, as if the merge's options had overflowed. Said in the refit's
+    (and REPAIR's) first pass, naming the data and the fix."""
+    return CalibrationError(
+        f"refit: parent {parent_label(index)}'s output of layer {name!r} is infinite or NaN on the calibration data: "
+        "the data holds infinite or NaN values, or values too large for float32 activations (the refit's statistics "
+        "are computed from them); pass calibration data scaled as the parents were trained on (e.g. through their "
+        "processor), or check that parent's weights")
 
 
 def _default_lambda() -> float:
@@ -392,36 +422,58 @@ def replayed_parents(parents: Sequence[nn.Module]) -> tuple[list[nn.Module], lis
     them may hold one module object: a parent holding the same modules under the same names as an earlier one (the
     same object passed twice, a shallow copy) is run once for both (the same outputs); one holding only some module
     of an earlier one (two heads on one backbone object) is run as a deep copy, made for the refit only (its memory
-    once more, said in the warnings returned third)."""
+    once more, said in the warnings returned third; `copied_for_refit` names them without copying, for the dry
+    run's estimate)."""
     runs: list[nn.Module] = []
-    keys: list[tuple] = []
-    held: dict[int, tuple[int, str]] = {}  # id of a module holding weights -> (parent index, its name there)
     slots = []
     said: list[str] = []
-    for index, parent in enumerate(parents):
-        named = [(name, module) for name, module in parent.named_modules() if name]
-        key = (type(parent), tuple((name, id(module)) for name, module in named),
-               tuple(id(t) for t in (*parent.parameters(recurse=False), *parent.buffers(recurse=False))))
-        if key in keys:
-            slots.append(keys.index(key))
+    for index, (parent, (same, shared)) in enumerate(zip(parents, _sharing(parents))):
+        if same is not None:
+            slots.append(slots[same])
             continue
-        weighted = [(name, module) for name, module in named
-                    if next(module.parameters(), None) is not None or next(module.buffers(), None) is not None]
-        shared = next(((name, held[id(module)]) for name, module in weighted if id(module) in held), None)
         if shared is not None:
-            name, (owner, owner_name) = shared
+            name, owner, owner_name = shared
             said.append(f"refit: parent {parent_label(index)} shares module {name!r}"
                         f"{f' (its {owner_name!r})' if owner_name != name else ''} with parent {parent_label(owner)} "
                         f"(one object in both); the refit runs a copy of parent {parent_label(index)} (its memory "
                         "once more) — pass copy.deepcopy(...) of it to merge to run without one")
             parent = copy.deepcopy(parent)
-        else:
-            for name, module in weighted:
-                held.setdefault(id(module), (index, name))
         slots.append(len(runs))
         runs.append(parent)
-        keys.append(key)
     return runs, slots, said
+
+
+def copied_for_refit(parents: Sequence[nn.Module]) -> list[int]:
+    """The indexes of the `parents` the refit runs as a deep copy (`replayed_parents`): each holds its memory once
+    more while the refit runs."""
+    return [index for index, (same, shared) in enumerate(_sharing(parents)) if same is None and shared is not None]
+
+
+def _sharing(parents: Sequence[nn.Module]) -> list[tuple[int | None, tuple[str, int, str] | None]]:
+    """Per parent: the index of an earlier parent holding the same modules under the same names (run once for both),
+    else None; and, when it holds only some module of an earlier one, (its name, that parent's index, its name
+    there), else None."""
+    keys: list[tuple] = []
+    first: list[int] = []  # the parent index of each distinct key
+    held: dict[int, tuple[int, str]] = {}  # id of a module holding weights -> (parent index, its name there)
+    found: list[tuple[int | None, tuple[str, int, str] | None]] = []
+    for index, parent in enumerate(parents):
+        named = [(name, module) for name, module in parent.named_modules() if name]
+        key = (type(parent), tuple((name, id(module)) for name, module in named),
+               tuple(id(t) for t in (*parent.parameters(recurse=False), *parent.buffers(recurse=False))))
+        if key in keys:
+            found.append((first[keys.index(key)], None))
+            continue
+        weighted = [(name, module) for name, module in named
+                    if next(module.parameters(), None) is not None or next(module.buffers(), None) is not None]
+        shared = next(((name, *held[id(module)]) for name, module in weighted if id(module) in held), None)
+        if shared is None:
+            for name, module in weighted:
+                held.setdefault(id(module), (index, name))
+        found.append((None, shared))
+        keys.append(key)
+        first.append(index)
+    return found
 
 
 def refit_model(
@@ -540,13 +592,16 @@ def refit_model(
                                 replay.batch(number)
                                 outputs.append(capture_layers(parent, names, batch, "output", until=replay.storing))
                             outputs = [outputs[slot] for slot in slots]
+                            finite = []
                             for name in names:
                                 mask = _mask(spec, name, batch, norm=_is_refit_norm(modules[name]))
                                 # Computed and kept in float32 (the parents' own precision; a float64 round trip
                                 # changed a target by at most 1 ulp and took twice the time).
                                 ys = [token_rows(out[name], mask).to(torch.float32) for out in outputs]
+                                finite += [(name, index, torch.isfinite(y).all()) for index, y in enumerate(ys)]
                                 cached[name].append(_target(spec, maps, name, name == head and concatenate_classifier,
                                                             ys, shares, centred, splits))
+                            _check_finite(finite)
                             del outputs
                     report.parent_passes += 1
                     if position == 0 and samples is not None and report.examples < samples:

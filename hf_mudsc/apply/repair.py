@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from hf_mudsc.apply.block_replay import BlockReplay, Storage, find_chains
-from hf_mudsc.apply.refit import capture_layers, forward_steps, subset_batches, target_maps
+from hf_mudsc.apply.refit import capture_layers, forward_steps, non_finite_output, subset_batches, target_maps
 from hf_mudsc.calibrate.layer_inputs import batch_to, norm_mask_key, padding_mask_key, token_rows
 from hf_mudsc.errors import CalibrationError
 from hf_mudsc.load.objects import whole_sequences
@@ -241,6 +241,11 @@ def repair_model(
                 report.examples += _batch_rows(batch)
                 for parent, moments in zip(parents, parent_moments):
                     _accumulate(parent, spec, order, batch, moments)
+            for index, moments in enumerate(parent_moments):  # overflowed forwards: the data's fault, said now
+                for name in order:
+                    if not bool(torch.isfinite(moments[name].total).all() and torch.isfinite(moments[name].squares)
+                                .all()):
+                        raise non_finite_output(name, index)
             storage = Storage()
             replay = BlockReplay(merged, chains, storage, units=True)  # a pass per step: units pay off
             bar = Progress(total=len(report.steps), desc="repair", unit="steps", enabled=progress)

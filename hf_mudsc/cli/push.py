@@ -82,7 +82,14 @@ def pushed_line(folder: str | None, result: PushResult) -> str:
                    "lacks" if count else "")
         return f"{what} {result.url} as a pull request: {result.pr_url} (commit {result.commit_sha}){deletes}"
     branch = f" (branch {result.revision})" if result.revision and result.revision != "main" else ""
-    return f"{what} {result.url}{branch} (commit {result.commit_sha})"
+    count = len(result.deleted)
+    # A branch's files the folder lacks are not on it after the commit (a new branch: main's, copied at its creation),
+    # unlike `hf upload --revision`, which keeps them: a stale shard index would load main's weights from the branch.
+    # An existing branch's own (--overwrite) are deleted, and only its history keeps them.
+    files = f"{count} file{'s' if count > 1 else ''} the folder lacks {'are' if count > 1 else 'is'}"
+    deletes = ("" if not (branch and count) else f"; {files} not on the branch (main keeps its own)"
+               if result.branch_created else f"; {files} deleted from the branch (its history keeps them)")
+    return f"{what} {result.url}{branch} (commit {result.commit_sha}){deletes}"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -29,11 +29,12 @@ import re
 import shutil
 import socket
 import stat
+import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -66,6 +67,11 @@ MARKER_FILENAME = ".hf_mudsc_output.json"
 MARKER_MAX_BYTES = 64 * 2**20
 WRITER = "hf-mudsc"
 STAGING_SUFFIX_LENGTH = len(PARTIAL_MARK) + 10  # what mkdtemp adds to `.{name}`
+_STAGING_SUFFIX = re.compile(r"[a-z0-9_]{8}")  # mkdtemp's random part (`tempfile._RandomNameSequence`)
+# In a staging folder's complete marker: its own name, which the old output takes when the atomic swap exchanges the
+# two (`exchange_paths`). The output in place then names the one `.{name}.partial-*` folder that is its replaced
+# copy (`clean_leftovers`): a user's copy of a finished output, under any name, is never taken for it.
+SWAPS_OUT_AS = "swaps_out_as"
 #: The most folders a new output may need created above it: far beyond any real layout, well below the depth at
 #: which creating them recursively exhausts Python's stack (~1000).
 MAX_NEW_FOLDERS = 100
@@ -79,6 +85,9 @@ _KNOWN_LIMIT = 4096  # a long-running service forgets them all now and then: the
 _SETTLED_NS = 2 * 10**9
 # What `staged_output` calls right before renaming a complete staging folder into place (`checked_rename`).
 _RENAME_CHECK: ContextVar[Callable[[], None] | None] = ContextVar("hf_mudsc_rename_check", default=None)
+#: How long a writer waits for another run writing into the same output folder (`folder_lock`) before it refuses:
+#: the other holds the lock only while it reads the marker and renames a few files into place.
+LOCK_WAIT_SECONDS = 60.0
 
 
 def check_output(
@@ -322,14 +331,16 @@ def interrupted_replacement(folder: str | os.PathLike) -> list[str]:
     return sorted(replacing) if isinstance(replacing, dict) else []
 
 
-def record_files(folder: str | os.PathLike, *, complete: bool = True, staging: bool = False) -> dict[str, Any]:
+def record_files(folder: str | os.PathLike, *, complete: bool = True, staging: bool = False,
+                 swaps_out_as: str | None = None) -> dict[str, Any]:
     """Write the marker of `folder`: every regular file in it (symlinks are never listed) with size and sha256.
 
     Called by `staged_output` when the block ends (and by writers that use a folder before that, e.g. to
     push it). `complete=False` is the marker a staging folder gets at once; `staging=True` records this
     process and host, so a leftover of a killed run can be told apart from a folder another run is writing
     (the final output carries neither). A complete marker first gives the files the usual modes
-    (`_normalise_modes`): a chmod after hashing would move their ctime and cost another read.
+    (`_normalise_modes`): a chmod after hashing would move their ctime and cost another read. `swaps_out_as`: the
+    staging folder's own name, recorded before `overwrite` swaps it in (`SWAPS_OUT_AS`).
     """
     folder = Path(folder)
     files = {}
@@ -346,6 +357,8 @@ def record_files(folder: str | os.PathLike, *, complete: bool = True, staging: b
         marker["folders"] = folders
     if staging:  # who is writing: a leftover is only removed once its writer is gone
         marker.update(pid=os.getpid(), host=socket.gethostname())
+    if swaps_out_as is not None:
+        marker[SWAPS_OUT_AS] = swaps_out_as
     _write_marker(folder, marker)
     return marker
 
@@ -568,7 +581,20 @@ def clean_leftovers(output: str | os.PathLike) -> list[Path]:
         if candidate.is_symlink() or not candidate.is_dir():
             continue
         marker = read_marker(candidate)
-        if marker is None or marker.get("host") != socket.gethostname() or _pid_alive(marker.get("pid")):
+        if marker is None:  # killed before its first marker, or a folder someone else made: never deleted
+            logger.warning("left %s in place: it looks like an interrupted run's staging folder of %s, but it has no "
+                           "%s proving hf-mudsc wrote it; if no hf-mudsc run is writing %s now, remove the folder "
+                           "yourself once nothing in it is yours", candidate, target, MARKER_FILENAME, target)
+            continue
+        if marker.get("complete") and "pid" not in marker and "host" not in marker:
+            # A finished output under a staging name: deleted only when it is the old copy an atomic `overwrite`
+            # swapped out (`exchange_paths`) before its rename to `.{name}.old-*` — the output in place names this
+            # very folder (`SWAPS_OUT_AS`), a name of mkdtemp's shape; any other (a user's `cp -a out
+            # .out.partial-keep`) is theirs, and kept without a word.
+            if swapped_out_copy(candidate, target) and _remove_old_copy(candidate, target):
+                removed.append(candidate)
+            continue
+        if marker.get("host") != socket.gethostname() or _pid_alive(marker.get("pid")):
             continue
         foreign = _foreign_entry(candidate)
         if foreign is not None:
@@ -585,6 +611,17 @@ def clean_leftovers(output: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def swapped_out_copy(candidate: Path, target: Path) -> bool:
+    """Whether `candidate` is where an atomic `overwrite` of `target` swapped the old output out: the output in place
+    (a folder) names it in its marker (`SWAPS_OUT_AS`), and the name is a staging folder's as mkdtemp makes it."""
+    prefix = f".{target.name}{PARTIAL_MARK}"
+    if not candidate.name.startswith(prefix) or not _STAGING_SUFFIX.fullmatch(candidate.name[len(prefix):]):
+        return False
+    if not target.is_dir() or target.is_symlink():
+        return False
+    return (read_marker(target) or {}).get(SWAPS_OUT_AS) == candidate.name
+
+
 def old_copies_left(target: Path) -> list[Path]:
     """Delete what is left of replaced outputs of `target`: `.{name}.old-XXXXXXXX` folders (the writer's names: 8 hex
     digits) an `overwrite` interrupted (or failed) while deleting them, once `target` exists (the new output is in
@@ -598,23 +635,30 @@ def old_copies_left(target: Path) -> list[Path]:
     for candidate in sorted(target.parent.glob(f".{glob.escape(target.name)}{OLD_MARK}*")):
         if candidate.is_symlink() or not candidate.is_dir() or not own_name.fullmatch(candidate.name):
             continue  # a name the writer never gives its backups (a user's `cp -a out .out.old-before-retrain`)
-        try:
-            marker = read_marker(candidate)
-            foreign, changed = unlisted_files(candidate, check_content=True) if marker else ([], [])
-            if not marker or not marker.get("complete") or foreign or changed or listed_outside(candidate):
-                logger.warning("left %s in place: it looks like an old copy of %s that an interrupted --overwrite "
-                               "left, but %s; remove the folder yourself once nothing in it is yours", candidate,
-                               target, f"it holds files hf-mudsc did not write (or that changed since): "
-                               f"{_names(foreign + changed)}" if foreign or changed else
-                               f"it has no complete {MARKER_FILENAME} proving hf-mudsc wrote it")
-                continue
-            _remove_marker_last(candidate)
-        except OSError as error:  # another run deleting it too, a file that may not be deleted
-            logger.warning("could not remove %s, an old copy of %s (%s); delete it yourself", candidate, target, error)
-            continue
-        logger.info("removed %s, an old copy of %s left by an interrupted --overwrite", candidate, target)
-        removed.append(candidate)
+        if _remove_old_copy(candidate, target):
+            removed.append(candidate)
     return removed
+
+
+def _remove_old_copy(candidate: Path, target: Path) -> bool:
+    """Delete `candidate`, an old copy of `target` a killed or failed `overwrite` left, only when its complete marker
+    lists its every file unchanged (marker deleted last); else keep it, and say so. Whether it was deleted."""
+    try:
+        marker = read_marker(candidate)
+        foreign, changed = unlisted_files(candidate, check_content=True) if marker else ([], [])
+        if not marker or not marker.get("complete") or foreign or changed or listed_outside(candidate):
+            logger.warning("left %s in place: it looks like an old copy of %s that an interrupted --overwrite "
+                           "left, but %s; remove the folder yourself once nothing in it is yours", candidate,
+                           target, f"it holds files hf-mudsc did not write (or that changed since): "
+                           f"{_names(foreign + changed)}" if foreign or changed else
+                           f"it has no complete {MARKER_FILENAME} proving hf-mudsc wrote it")
+            return False
+        _remove_marker_last(candidate)
+    except OSError as error:  # another run deleting it too, a file that may not be deleted
+        logger.warning("could not remove %s, an old copy of %s (%s); delete it yourself", candidate, target, error)
+        return False
+    logger.info("removed %s, an old copy of %s left by an interrupted --overwrite", candidate, target)
+    return True
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -689,7 +733,7 @@ def staged_output(
             if target is not None:
                 # Complete, and still naming this process until it is in place: killed meanwhile (the old folder's
                 # check before the swap hashes a whole model), it is a leftover the next run removes.
-                record_files(staging, staging=True)
+                record_files(staging, staging=True, swaps_out_as=staging.name)
                 check = _RENAME_CHECK.get()
                 if check is not None:
                     check()
@@ -798,6 +842,7 @@ def _put_in_place(writes: list[tuple[Path, Callable[[Path], None]]], *, root: Pa
     replaced get their previous content back (held in memory: these are cards, results and charts)."""
     staged: list[tuple[Path, Path]] = []
     listings: tuple[Path, Path] | None = None
+    began_in = _identity(root) if root is not None and root.is_dir() else None  # the folder these files go into
     try:
         for folder in dict.fromkeys([*(path.parent for path, _ in writes), *([root] if root is not None else [])]):
             if folder.is_dir():
@@ -809,17 +854,82 @@ def _put_in_place(writes: list[tuple[Path, Callable[[Path], None]]], *, root: Pa
             staged.append((path, temporary))
             write(temporary)
             temporary.chmod(mode)
-        # The marker names the new files before any is in place: a full disk fails here and changes nothing.
-        listings = _marker_listings(root, staged, finished=finished) if root is not None else None
-        renames = list(staged)
-        if listings is not None and root is not None:
-            renames = [(root / MARKER_FILENAME, listings[0]), *staged, (root / MARKER_FILENAME, listings[1])]
-        with interrupts_deferred():  # the files and their marker entries, or none
-            _rename_all(renames)
+        # One writer at a time from reading the marker to the last rename: another run's marker read meanwhile
+        # would be renamed over this one's, dropping the files this run put in place (`folder_lock`).
+        with folder_lock(root) if root is not None and root.is_dir() else nullcontext():
+            if root is not None and began_in is not None and _identity(root) != began_in:
+                raise FileExistsError(
+                    f"{str(root)!r} was replaced by another hf-mudsc run (merge --overwrite) while this one was "
+                    "writing into it: nothing was written into the new folder; run again to write into it"
+                )
+            # The marker names the new files before any is in place: a full disk fails here and changes nothing.
+            listings = _marker_listings(root, staged, finished=finished) if root is not None else None
+            renames = list(staged)
+            if listings is not None and root is not None:
+                renames = [(root / MARKER_FILENAME, listings[0]), *staged, (root / MARKER_FILENAME, listings[1])]
+            with interrupts_deferred():  # the files and their marker entries, or none
+                _rename_all(renames)
     finally:
         for temporary in [*(temporary for _, temporary in staged), *(listings or ())]:
             temporary.unlink(missing_ok=True)
     return [path for path, _ in staged]
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold `folder`'s writer lock within the block: an advisory `flock` on the folder itself (no lock file: one
+    would be a file the marker does not list, and the lock ends with its process, even a killed one). Two runs
+    (`evaluate`, `inspect`: `_put_in_place`) that rewrite the marker then do so one after the other, each reading the
+    marker the other left. Waits up to `LOCK_WAIT_SECONDS`, then refuses in one line; where the system has
+    no `flock` (Windows), the block runs unlocked, as before. The lock held is that of the folder at `folder` once
+    it is locked: one `overwrite` swapped out meanwhile (`_move_into_place` holds the lock to swap) is let go, and
+    the new one's taken."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        try:
+            handle = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError as error:  # a folder that may be written but not read: unlocked, as before
+            logger.debug("no writer lock on %s (%s)", folder, error)
+            yield
+            return
+        try:
+            locked = _flock_until(fcntl, handle, folder, deadline)
+            if locked and _identity(folder) != _handle_identity(handle):
+                continue  # the folder was swapped while this run waited: lock the one there now (finally closes)
+            yield
+            return
+        finally:
+            os.close(handle)  # releases the lock
+
+
+def _flock_until(fcntl: Any, handle: int, folder: Path, deadline: float) -> bool:
+    """Take the exclusive `flock` of `handle` (the folder `folder`), waiting until `deadline`, then refusing in one
+    line. False when the filesystem has no locks (some network mounts): the caller runs unlocked, as before."""
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise FileExistsError(
+                    f"another hf-mudsc run is writing into {str(folder)!r} (this one waited "
+                    f"{LOCK_WAIT_SECONDS:g} s for its lock): nothing was written into it; run again once that run "
+                    "ends"
+                ) from None
+            time.sleep(0.05)
+        except OSError as error:
+            logger.debug("no writer lock on %s (%s)", folder, error)
+            return False
+
+
+def _handle_identity(handle: int) -> tuple[int, int]:
+    found = os.fstat(handle)
+    return found.st_dev, found.st_ino
 
 
 def temporary_beside(path: Path) -> Path:
@@ -931,12 +1041,35 @@ def _move_into_place(staging: Path, target: Path, *, overwrite: bool, keep_exist
                 raise
     if keep_existing:
         return
+    # The old folder's writer lock from its last check to the swap: a run writing into it (`evaluate`) finishes
+    # before it is checked, or waits, then finds the new folder there and refuses (`_put_in_place`).
+    with folder_lock(target) if target.is_dir() and not target.is_symlink() else nullcontext():
+        backup = _swap_checked(staging, target, overwrite=overwrite, flag=flag, existed=existed, placed=placed)
+    _delete_old_copy(target, backup)
+
+
+def _swap_checked(staging: Path, target: Path, *, overwrite: bool, flag: str, existed: bool,
+                  placed: tuple[int, int] | None) -> Path:
+    """Check the existing `target` once more and put `staging` in its place: in one step where the system can
+    (`exchange_paths`), else by two renames (the old folder put back on a failure); the marker then stops naming this
+    process (`_drop_writer`). Returns where the old folder now is, to delete."""
     if existed:
         check_output(target, overwrite=overwrite, flag=flag)  # it may have changed since the first check
     else:  # absent when the run began: someone made it meanwhile
         _check_appeared(target, overwrite=overwrite, flag=flag)
     backup = target.with_name(f".{target.name}{OLD_MARK}{uuid.uuid4().hex[:OLD_SUFFIX_DIGITS]}")
-    os.rename(target, backup)
+    try:
+        exchanged = exchange_paths(staging, target)
+    except OSError:  # e.g. the old folder went meanwhile: the two renames below say what happened
+        exchanged = False
+    if exchanged:  # one step: the output path never lacks a folder; the old one is now at `staging`'s name
+        _drop_writer(target, placed)
+        try:
+            os.rename(staging, backup)
+        except OSError:  # deleted under the staging name then; a leftover there is an old copy (`clean_leftovers`)
+            return staging
+        return backup
+    os.rename(target, backup)  # no atomic exchange here: two renames, the old folder put back on a failure
     try:
         os.rename(staging, target)
     except BaseException as error:
@@ -949,6 +1082,11 @@ def _move_into_place(staging: Path, target: Path, *, overwrite: bool, keep_exist
             _check_appeared(target, overwrite=False, flag=flag, replacing=overwrite)  # another run finished first
         raise
     _drop_writer(target, placed)
+    return backup
+
+
+def _delete_old_copy(target: Path, backup: Path) -> None:
+    """Delete `backup`, the replaced output of `target` (the new one is in place), marker last."""
     try:
         _remove_marker_last(backup)
     except BaseException as error:  # Ctrl-C during a multi-GB delete, a file that may not be deleted: said, not lost
@@ -959,19 +1097,47 @@ def _move_into_place(staging: Path, target: Path, *, overwrite: bool, keep_exist
             raise
 
 
+_RENAME_EXCHANGE = 2  # renameat2's flag (linux/fs.h)
+_AT_FDCWD = -100
+
+
+def exchange_paths(first: Path, second: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux's `renameat2(RENAME_EXCHANGE)`): a kill at any moment
+    leaves each path holding a folder. False where the system, its C library or the filesystem cannot (the caller
+    then renames twice); any other failure is raised as an OSError."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # glibc before 2.28, musl without it
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    number = ctypes.get_errno()
+    if number in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False  # kernel or filesystem without the exchange (EPERM: some seccomp filters)
+    raise OSError(number, os.strerror(number), os.fspath(second))
+
+
 def _drop_writer(target: Path, placed: tuple[int, int] | None) -> None:
     """Rewrite the marker of `target`, just renamed in, without this process and host (the output names no writer):
     the marker as it is now, not as recorded before the rename, so the files another run (`evaluate`) recorded in it
     meanwhile stay listed. Only while `target` is still the folder `placed` (its identity) and its marker names this
     process: another run's folder put there meanwhile keeps its own. Not done (a full disk): said, and harmless (only
     a staging folder's process is ever read: `clean_leftovers`)."""
-    if placed is None or _identity(target) != placed:
-        return
-    marker = read_marker(target)
-    if marker is None or marker.get("pid") != os.getpid() or marker.get("host") != socket.gethostname():
-        return
     try:
-        _write_marker(target, {key: value for key, value in marker.items() if key not in ("pid", "host")})
+        with folder_lock(target):  # another writer's marker rewrite (`_put_in_place`) is not lost to this one
+            if placed is None or _identity(target) != placed:
+                return
+            marker = read_marker(target)
+            if marker is None or marker.get("pid") != os.getpid() or marker.get("host") != socket.gethostname():
+                return
+            _write_marker(target, {key: value for key, value in marker.items() if key not in ("pid", "host")})
     except OSError as error:
         logger.warning("%s is in place and complete, but its %s still names this process and host (%s), which "
                        "nothing reads there", target, MARKER_FILENAME, error.strerror or error)

@@ -56,9 +56,10 @@ GITATTRIBUTES = ".gitattributes"
 class PushResult:
     """What a push did. `changed=False`: the repo already held exactly these files, so no commit was made
     (`commit_sha` is its head). `revision`: the branch committed to (None: main); `pr_url`: the pull request
-    opened (`create_pr`), as huggingface_hub's `CommitInfo.pr_url`; `deleted`: the branch's files the commit (or pull
-    request) deletes because the folder lacks them (only with `overwrite`). URLs never carry the credentials an
-    `HF_ENDPOINT` may hold."""
+    opened (`create_pr`), as huggingface_hub's `CommitInfo.pr_url`; `deleted`: the files the commit (or pull
+    request) deletes from its branch because the folder lacks them: with `overwrite`, the branch's own; on a branch
+    this push created (`branch_created`), main's files it was created with (main keeps them). URLs never carry the
+    credentials an `HF_ENDPOINT` may hold."""
 
     repo_id: str
     commit_sha: str
@@ -69,6 +70,7 @@ class PushResult:
     revision: str | None = None
     pr_url: str | None = None
     deleted: tuple[str, ...] = ()
+    branch_created: bool = False
 
 
 @dataclass(frozen=True)
@@ -718,7 +720,7 @@ def _push(folder: Path, files: list[str], contents: dict[str, bytes], repo_id: s
                     ", so no pull request was opened" if options.create_pr else "")
     return PushResult(repo_id=repo_id, commit_sha=commit.oid, commit_url=without_userinfo(commit.commit_url),
                       url=repo_url, created=created, changed=changed, revision=options.revision, pr_url=pr_url,
-                      deleted=tuple(deleted) if changed else ())
+                      deleted=tuple(deleted) if changed else (), branch_created=branch_made)
 
 
 def _pull_requests(api: HfApi, repo_id: str, seconds: float) -> dict[str, str]:
