@@ -188,3 +188,64 @@ def test_other_heads_of_roberta_twins_are_refused_naming_their_own_classes(model
         hf_mudsc.merge(models, [{"input_ids": torch.tensor([[3, 4, 5, 2]])}], progress=False)
     message = str(caught.value)
     assert "\n" not in message and f"use {prefix}Model or {prefix}ForSequenceClassification" in message, message
+
+
+# ELECTRA: BERT's encoder, a RoBERTa-style head; ELECTRA-small's projected embeddings refused.
+ELECTRA = dict(TWIN, embedding_size=32)
+
+
+def test_electra_classifiers_with_different_label_sets_merge_and_reload_as_electra(tmp_path):
+    from factories import make_batches, randomize
+    from transformers import ElectraConfig
+
+    parents = []
+    for seed, labels in ((0, 3), (1, 2)):
+        torch.manual_seed(seed)
+        parents.append(randomize(transformers_class("ElectraForSequenceClassification")(
+            ElectraConfig(**ELECTRA, num_labels=labels)), seed))
+    spec = spec_for(parents[0])
+    copy = permute_model(parents[0], spec, random_permutations(spec, seed=2))
+    batches = make_batches("roberta_cls", num_batches=3)
+    merged = hf_mudsc.merge([parents[0], copy], batches, method="zipit", refit="none", progress=False)
+    merged.save_pretrained(tmp_path / "same")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "same").eval()
+    with torch.no_grad():
+        expected, found = parents[0](**batches[0]).logits, reloaded(**batches[0]).logits
+    assert type(reloaded).__name__ == "ElectraForSequenceClassification"
+    assert torch.allclose(found, expected, atol=1e-4 * expected.abs().max())
+    both = hf_mudsc.merge(parents, batches, progress=False)
+    assert both.config.num_labels == 5 and both.classifier.out_proj.out_features == 5
+
+
+@pytest.mark.parametrize("head", ["ElectraForSequenceClassification", "ElectraModel"])
+def test_electra_small_with_projected_embeddings_is_refused_in_one_line_before_any_weights(head, tmp_path):
+    from transformers import ElectraConfig
+
+    folders = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        transformers_class(head)(ElectraConfig(**{**TWIN, "embedding_size": 16})).save_pretrained(tmp_path / str(seed))
+        folders.append(str(tmp_path / str(seed)))
+    for dry_run in (True, False):
+        with pytest.raises(UnsupportedArchitectureError) as caught:
+            hf_mudsc.merge(folders, [{"input_ids": torch.tensor([[3, 4, 5, 2]])}], progress=False, dry_run=dry_run)
+        message = str(caught.value)
+        assert "\n" not in message and "embedding_size 16 != hidden_size 32" in message, message
+
+
+@pytest.mark.parametrize("head", ["ElectraForPreTraining", "ElectraForMaskedLM", "ElectraForTokenClassification"])
+def test_other_electra_heads_are_refused_naming_the_classes_to_use(head):
+    from transformers import ElectraConfig
+
+    models = [transformers_class(head)(ElectraConfig(**ELECTRA)).eval() for _ in range(2)]
+    with pytest.raises(UnsupportedArchitectureError) as caught:
+        hf_mudsc.merge(models, [{"input_ids": torch.tensor([[3, 4, 5, 2]])}], progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and "use ElectraModel (the discriminator) or ElectraForSequenceClassification" in \
+        message, message
+
+
+def transformers_class(name: str) -> type:
+    import transformers
+
+    return getattr(transformers, name)
