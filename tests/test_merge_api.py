@@ -241,7 +241,9 @@ def test_a_config_mismatch_names_the_parents_by_letter(tmp_path):
 
 def test_unsupported_architecture_names_the_supported_ones():
     gpt = GPT2Model(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=20, n_positions=8))
-    with pytest.raises(UnsupportedArchitectureError, match="supported model types: bert, clip"):
+    supported = ("bert, camembert, clip, clip_text_model, clip_vision_model, distilbert, electra, roberta, vit, "
+                 "xlm-roberta")
+    with pytest.raises(UnsupportedArchitectureError, match=f"supported model types: {supported}"):
         hf_mudsc.merge([gpt, copy.deepcopy(gpt)], [{"input_ids": torch.ones(1, 4, dtype=torch.long)}])
 
 
