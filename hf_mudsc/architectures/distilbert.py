@@ -11,8 +11,7 @@ from hf_mudsc.architectures.templates import (
     Embedding,
     EncoderTable,
     encoder_groups,
-    in_cols,
-    linear_out,
+    first_token_head,
     refuse_labelless_head,
 )
 from hf_mudsc.errors import UnsupportedArchitectureError
@@ -70,11 +69,9 @@ def distilbert_spec(model: nn.Module) -> PermutationSpec:
     if has_head:
         # The head reads the first token: pre_classifier -> ReLU -> classifier. Its hidden layer is one more unit
         # space, as RoBERTa's classifier.dense.
-        residual += in_cols("pre_classifier.weight")
-        hook = HookPoint("pre_classifier", "input", per_example=True)
-        groups.append(Group(name="pre_classifier", width=width,
-                            members=tuple(linear_out("pre_classifier") + in_cols("classifier.weight")),
-                            hooks=(HookPoint("classifier", "input", per_example=True),)))
+        head, hook, hidden = first_token_head("pre_classifier", "classifier", width)
+        residual += head
+        groups.append(hidden)
     else:
         hook = HookPoint(f"{prefix}transformer.layer.{config.n_layers - 1}.output_layer_norm", "output", mask=MASK)
     residual_group = Group(name="residual", width=width, members=tuple(residual), hooks=(hook,))

@@ -14,8 +14,7 @@ from hf_mudsc.architectures.registry import register
 from hf_mudsc.architectures.templates import (
     check_encoder_config,
     encoder_groups,
-    in_cols,
-    linear_out,
+    first_token_head,
     refuse_labelless_head,
 )
 from hf_mudsc.errors import UnsupportedArchitectureError
@@ -48,11 +47,9 @@ def electra_spec(model: nn.Module) -> PermutationSpec:
                                       params=params, mask=MASK)
     if has_head:
         # The head reads the first token: dense -> GELU -> out_proj. Its hidden layer is one more unit space.
-        residual += in_cols("classifier.dense.weight")
-        hook = HookPoint("classifier.dense", "input", per_example=True)
-        groups.append(Group(name="classifier.dense", width=width,
-                            members=tuple(linear_out("classifier.dense") + in_cols("classifier.out_proj.weight")),
-                            hooks=(HookPoint("classifier.out_proj", "input", per_example=True),)))
+        head, hook, hidden = first_token_head("classifier.dense", "classifier.out_proj", width)
+        residual += head
+        groups.append(hidden)
     else:
         hook = HookPoint(f"{prefix}encoder.layer.{config.num_hidden_layers - 1}.output.LayerNorm", "output", mask=MASK)
     residual_group = Group(name="residual", width=width, members=tuple(residual), hooks=(hook,))

@@ -10,6 +10,7 @@ from hf_mudsc.architectures.registry import register
 from hf_mudsc.architectures.templates import (
     check_encoder_config,
     encoder_groups,
+    first_token_head,
     in_cols,
     linear_out,
     refuse_labelless_head,
@@ -42,11 +43,9 @@ def roberta_spec(model: nn.Module) -> PermutationSpec:
                                       params=params, mask=MASK)
     if has_head:
         # The head reads the first token: dense -> tanh -> out_proj. Its hidden layer is one more unit space.
-        residual += in_cols("classifier.dense.weight")
-        hook = HookPoint("classifier.dense", "input", per_example=True)
-        groups.append(Group(name="classifier.dense", width=width,
-                            members=tuple(linear_out("classifier.dense") + in_cols("classifier.out_proj.weight")),
-                            hooks=(HookPoint("classifier.out_proj", "input", per_example=True),)))
+        head, hook, hidden = first_token_head("classifier.dense", "classifier.out_proj", width)
+        residual += head
+        groups.append(hidden)
     elif f"{prefix}pooler.dense.weight" in params:
         residual += in_cols(f"{prefix}pooler.dense.weight")
         hook = HookPoint(f"{prefix}pooler.dense", "input", per_example=True)

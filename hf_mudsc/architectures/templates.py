@@ -114,6 +114,16 @@ def mlp_group(block: str, *, up: str, down: str, width: int, mask: str | None = 
     )
 
 
+def first_token_head(dense: str, out: str, width: int) -> tuple[list[Member], HookPoint, Group]:
+    """A sequence classifier on the first token with one hidden layer (`dense` -> activation -> `out`: RoBERTa's,
+    ELECTRA's and DistilBERT's heads): the stream's members it holds (`dense`'s columns), where the stream is read
+    (`dense`'s input, one sample per example), and its hidden layer as one more group (`dense`'s rows and `out`'s
+    columns, read at `out`'s input)."""
+    hidden = Group(name=dense, width=width, members=tuple(linear_out(dense) + in_cols(f"{out}.weight")),
+                   hooks=(HookPoint(out, "input", per_example=True),))
+    return in_cols(f"{dense}.weight"), HookPoint(dense, "input", per_example=True), hidden
+
+
 @dataclass(frozen=True)
 class Embedding:
     """One embedding-side tensor of the residual stream: its name (after the tower prefix) and unit axis.
