@@ -105,13 +105,15 @@ class OutputLocationError(ValueError):
 
 class SpecError(ValueError):
     """A permutation spec does not describe the model it was built for (an adapter bug, or a layout of a supported
-    model type the adapter has no place for: `unplaced` names those parameters; `problems` lists every problem,
-    the unplaced parameters' among them)."""
+    model type the adapter has no place for: `unplaced` names those parameters; `absent` the spec's parameters the
+    model lacks, once per problem naming one; `problems` lists every problem, those among them)."""
 
-    def __init__(self, message: str, unplaced: tuple[str, ...] = (), problems: tuple[str, ...] = ()) -> None:
+    def __init__(self, message: str, unplaced: tuple[str, ...] = (), problems: tuple[str, ...] = (),
+                 absent: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.unplaced = unplaced
         self.problems = problems
+        self.absent = absent
 
 
 class RepoExistsError(FileExistsError):

@@ -168,6 +168,7 @@ class PermutationSpec:
         counted twice on one axis, and parameters that are in no group and not declared averaged.
         """
         problems: list[str] = []
+        absent: list[str] = []  # a spec parameter the model lacks, once per problem naming it
         seen_axes: set[tuple[str, int]] = set()
         for group in self.groups:
             if group.width <= 0:
@@ -180,6 +181,7 @@ class PermutationSpec:
                 tensor = params.get(member.param)
                 if tensor is None:
                     problems.append(f"group {group.name!r}: no parameter {member.param!r}")
+                    absent.append(member.param)
                     continue
                 if not -tensor.dim() <= member.axis < tensor.dim():
                     problems.append(f"group {group.name!r}: {member.param!r} has no axis {member.axis}")
@@ -203,6 +205,7 @@ class PermutationSpec:
         for name in self.averaged:
             if name not in params:
                 problems.append(f"averaged parameter {name!r} does not exist")
+                absent.append(name)
         unplaced = tuple(name for name in params if name not in declared)
         for name in unplaced:
             problems.append(f"parameter {name!r} is in no group and not declared averaged")
@@ -210,9 +213,10 @@ class PermutationSpec:
             for name in (self.classifier.weight, self.classifier.bias):
                 if name is not None and name not in params:
                     problems.append(f"classifier parameter {name!r} does not exist")
+                    absent.append(name)
         if problems:
             raise SpecError(
                 f"the {self.family or 'model'} permutation spec does not fit the model:\n  - "
                 + "\n  - ".join(problems),
-                unplaced=unplaced, problems=tuple(problems),
+                unplaced=unplaced, problems=tuple(problems), absent=tuple(absent),
             )

@@ -40,12 +40,18 @@ def discover() -> None:
     """Import every adapter module once; each registers itself on import.
 
     On first lookup rather than at package import, so that importing the package stays cheap and an
-    adapter's own imports never meet a half-initialised package.
+    adapter's own imports never meet a half-initialised package. A builder the user registered before this first
+    lookup stays the adapter of its model types: a shipped module registering itself on import does not replace it
+    (as it would not after the first lookup).
     """
     global _discovered
     if not _discovered:
+        earlier = {model_type: builder_for(model_type) for model_type in registered_model_types()}
         for name in adapter_modules():
             importlib.import_module(name)
+        for model_type, builder in earlier.items():
+            if builder is not None:
+                register(model_type)(builder)
         _discovered = True
 
 
@@ -80,6 +86,17 @@ def check_config_supported(config: Mapping[str, Any]) -> None:
     raise unsupported(first if isinstance(first, str) and CLASS_NAME.fullmatch(first) else "this model", model_type)
 
 
+def built_without(model: nn.Module, name: str) -> bool:
+    """Whether `model` has the module owning the parameter `name` and that module holds it as None, as
+    `nn.Linear(bias=False)` holds its bias: the model's own layout, not a misspelt name."""
+    owner, _, leaf = name.rpartition(".")
+    try:
+        module = model.get_submodule(owner)
+    except AttributeError:
+        return False
+    return getattr(module, leaf, leaf) is None  # a parameter slot registered empty, not an absent name
+
+
 def spec_for(model: nn.Module) -> PermutationSpec:
     """Build and validate the permutation spec of a loaded model."""
     discover()
@@ -92,8 +109,19 @@ def spec_for(model: nn.Module) -> PermutationSpec:
     try:
         spec.validate(dict(model.named_parameters()), (name for name, _ in model.named_modules()))
     except SpecError as error:
-        if not error.unplaced or len(error.problems) > len(error.unplaced):
+        # A tensor the spec names that the model lacks is the adapter's bug for a transformers class, and for any
+        # other class too unless the model was built without it (a label head's Linear(bias=False)): else a typo in
+        # an adapter (a user's own, registered for their own class) would read as the user's model's fault.
+        absent = () if type(model).__module__.startswith("transformers.") else tuple(
+            name for name in error.absent if built_without(model, name))
+        if not (error.unplaced or absent) or len(error.problems) > len(error.unplaced) + len(absent):
             raise  # the adapter's own spec is wrong (too): its bug, with every problem listed
+        if absent and not error.unplaced:
+            raise UnsupportedArchitectureError(
+                f"{type(model).__name__} is not supported: it lacks the parameter {absent[0]!r} the "
+                f"{spec.family or model_type} adapter merges (a layer built otherwise than by its transformers "
+                f"class); merge a class docs/design.md §5 lists for {model_type!r} models, built as transformers "
+                "builds it") from None
         # A layout of a supported model type the adapter has no place for (an extra module, another head class):
         # one line naming the class and the tensor, not the spec's internal list (21 lines for a BERT decoder).
         more = f" (and {len(error.unplaced) - 1} more)" if len(error.unplaced) > 1 else ""

@@ -534,9 +534,31 @@ class _Preprocessor:
             texts, pairs = self._texts(rows, self.text_column), None
             if self.text_pair_column is not None:
                 pairs = self._texts(rows, self.text_pair_column)
-            encoded = encode_texts(self.tokenizer, texts, self.max_length, pairs)
-            out.update({k: _as_tensor(v) for k, v in encoded.items()})
+            encoded = {k: _as_tensor(v) for k, v in encode_texts(self.tokenizer, texts, self.max_length, pairs).items()}
+            self._refuse_tokenless(encoded, texts)
+            out.update(encoded)
         return out
+
+    def _refuse_tokenless(self, encoded: Mapping[str, torch.Tensor], texts: Sequence[str]) -> None:
+        """Refuse texts the tokenizer turns into no token at all (empty or blank, with a tokenizer adding no special
+        tokens): one in a batch was refused by the model input check with advice to pass the tokenizer's mask (which
+        this is), a batch of them failed inside the model ("cannot reshape tensor of 0 elements")."""
+        ids, mask = encoded.get("input_ids"), encoded.get("attention_mask")
+        if ids is None or ids.dim() != 2:
+            return
+        lengths = mask.sum(dim=-1) if mask is not None and mask.shape == ids.shape else torch.full(
+            (len(ids),), ids.shape[-1])
+        empty = [index for index, length in enumerate(lengths.tolist()) if length == 0]
+        if not empty:
+            return
+        named = [c for c in (self.text_column, self.text_pair_column) if c is not None]
+        columns = (f"columns {named[0]!r} and {named[1]!r} of the {self.role.data} hold" if len(named) > 1
+                   else f"column {named[0]!r} of the {self.role.data} holds")
+        kept = " or ".join(f"row[{c!r}].strip()" for c in named)
+        raise self.role.error(
+            f"{columns} text that {self.role.tokenizer} turns into no token ({shown(texts[empty[0]])}; "
+            f"{len(empty)} of the {len(ids)} rows of a batch), which the models cannot read; drop or fill those rows "
+            f"(e.g. dataset.filter(lambda row: {kept}))")
 
     def _texts(self, rows: Mapping[str, Sequence[Any]], column: str) -> list[str]:
         texts = list(rows[column])
@@ -676,10 +698,14 @@ def eight_bit(image: Any, column: str | None, role: DataRole = CALIBRATION) -> A
 def encode_texts(tokenizer: Any, texts: list[str], max_length: int | None,
                  pairs: list[str] | None = None) -> Mapping[str, Any]:
     """`texts` (with their second segments `pairs`, as the tokenizer's `text_pair`: token_type_ids as it makes them)
-    padded and cut to `max_length`, the tokenizer left as it was: a fast tokenizer's backend keeps the
+    padded on the right and cut to `max_length`, the tokenizer left as it was: a fast tokenizer's backend keeps the
     truncation and padding a call switches on, and `save_pretrained` writes them into tokenizer.json (which
-    `tokenizers` and transformers.js apply to every later input)."""
-    with _backend_kept(tokenizer):
+    `tokenizers` and transformers.js apply to every later input).
+
+    Always on the right, whatever the tokenizer's `padding_side`: the encoders merged here (BERT, RoBERTa, CLIP's
+    text tower) number positions from the first token of the row, so a text padded on the left was read at shifted
+    positions, and its activations (the statistics, an evaluation's scores) depended on the batch's longest text."""
+    with _backend_kept(tokenizer), _padding_side_kept(tokenizer, "right"):
         return tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
 
 
@@ -689,6 +715,21 @@ def token_ids_uncut(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     what the cut means)."""
     with _backend_kept(tokenizer):
         return [list(ids) for ids in tokenizer(texts, padding=False, truncation=False, verbose=False)["input_ids"]]
+
+
+@contextlib.contextmanager
+def _padding_side_kept(tokenizer: Any, side: str) -> Iterator[None]:
+    """Pad on `side` for the calls inside, then give the tokenizer back its own side: set as an attribute, not as a
+    call argument, which a tokenizer whose `__call__` names its own parameters (remote code) refuses."""
+    if not hasattr(tokenizer, "padding_side"):
+        yield
+        return
+    before = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = before
 
 
 @contextlib.contextmanager
@@ -1072,6 +1113,8 @@ def _plan(columns: Sequence[str], inputs: Sequence[str], processor: Any, image_c
                         *texts)
     for column in texts or (None,):
         _refuse_column_kinds(features, use_image, column, role)
+    if use_text:  # after the column's kind: a column of numbers is no text whatever the tokenizer
+        refuse_no_pad_token(tokenizer, role)
     if use_image:
         refuse_oversized_resize(image_processor, model_config, role)
         refuse_other_image_size(image_processor, model_config, role)
@@ -1257,6 +1300,8 @@ def check_calibration_columns(calibration: Any, processors: Any = None, *, image
         return
     refuse_transform(calibration, role)
     calibration = all_columns_readable(calibration)  # columns named as the merge reads them (an arrow stream's rows)
+    # as the read refuses it (`resolve_calibration`): else its columns, typed null, were "null, not text"
+    _refuse_empty(calibration, loaded_from(calibration) or "dataset", role)
     name = loaded_from(calibration) or "calibration data"
     columns = column_names(calibration, name)
     refuse_no_columns(calibration, columns, name)
@@ -1343,6 +1388,27 @@ def refuse_other_image_size(image_processor: Any, model_config: Any, role: DataR
 VOCABULARY_FIX = ("resize the model's token embeddings to its tokenizer "
                   "(model.resize_token_embeddings(len(tokenizer)), then save it) or use the tokenizer it was trained "
                   "with")
+
+
+def refuse_no_pad_token(tokenizer: Any, role: DataRole = CALIBRATION, own_inputs: bool = True) -> None:
+    """Refuse a tokenizer without a pad token for raw text, before any row is read (or any weights loaded): texts are
+    padded into batches (`encode_texts`), which transformers refuses without one — a bare ValueError at the first
+    batch, after the parents were loaded (even for a batch of one text: it checks the tokenizer, not the texts).
+    `own_inputs`: whether the user may map padded input_ids instead (calibration data; not CLIP's class prompts)."""
+    if tokenizer is None or not hasattr(tokenizer, "pad_token") or tokenizer.pad_token is not None:
+        return
+    whose = role.tokenizer
+    if type(tokenizer).__name__ not in whose:  # a processor= given names its class already
+        whose = f"{whose} ({type(tokenizer).__name__})"
+    if getattr(tokenizer, "eos_token", None) is not None:
+        give = "tokenizer.pad_token = tokenizer.eos_token, say: padding is masked out"
+    else:  # no EOS token to reuse (BERT-like): a new one, which the models' embeddings must cover if it is new
+        vocabulary = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        give = "tokenizer.add_special_tokens({'pad_token': '[PAD]'})" + (
+            "" if "[PAD]" in vocabulary else ", then resize the models' token embeddings to len(tokenizer)")
+    raise role.error(
+        f"{whose} has no pad token, so the texts of the {role.data} cannot be padded into batches; give it one "
+        f"({give}) and {role.fix}" + (", or map your own padded input_ids and attention_mask" if own_inputs else ""))
 
 
 def refuse_pairs_for_one_segment(texts: Sequence[str], tokenizer: Any, model_config: Any,

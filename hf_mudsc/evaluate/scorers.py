@@ -245,6 +245,22 @@ def cut_prompts_warnings(tokenizer: Any, encoded: Mapping[str, Any], prompts: Se
     return said
 
 
+def _refuse_no_pad_tokens(names: Sequence[str], tokenizers: Sequence[Any]) -> None:
+    """Refuse a tokenizer without a pad token before any class prompt is embedded: the prompts are padded into one
+    batch, which transformers refuses with a bare ValueError (as calibration's texts are refused)."""
+    from hf_mudsc.calibrate.datasets import DataRole, refuse_no_pad_token
+
+    seen: set[int] = set()
+    for name, tokenizer in zip(names, tokenizers):
+        if id(tokenizer) in seen:
+            continue
+        seen.add(id(tokenizer))
+        role = DataRole(data="zero-shot CLIP evaluation",
+                        image_processor=f"the image processor embedding the class prompts of {name!r}",
+                        fix="pass it as processor= (or save it with the model)", error=EvaluationError)
+        refuse_no_pad_token(tokenizer, role, own_inputs=False)
+
+
 class _ClipEnsemble(Scorer):
     def __init__(self, parents: Sequence[_ClipScorer], tasks: Sequence[str]) -> None:
         super().__init__(ENSEMBLE, tasks)
@@ -272,6 +288,7 @@ def build_scorers(merged: Mapping[str, Any], parents: Sequence[Any], layout: Lab
             )
         templates = check_prompt_templates(prompt_template)
         named = [*merged.items(), *zip(parent_names(len(parents)), parents)]
+        _refuse_no_pad_tokens([n for n, _ in named], [tokenizer or fallback for tokenizer in tokenizers])
         clip_scorers = [_ClipScorer(n, m, layout, tokenizer or fallback, templates)
                         for (n, m), tokenizer in zip(named, tokenizers)]
         for said in dict.fromkeys(w for scorer in clip_scorers for w in scorer.cut_warnings):  # once for all models

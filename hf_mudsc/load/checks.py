@@ -18,15 +18,19 @@ _IGNORED_CONFIG_KEYS = {
 }
 
 # Config fields that never change what a merged encoder computes in eval mode: initialisation (`initializer_range`,
-# `initializer_factor`), training and export switches (`gradient_checkpointing`, left in old configs such as
-# bert-base-uncased's; `torchscript`), a decoder's cache (`use_cache`, `output_past`: the adapters merge encoders)
-# and hints for other tools (`tokenizer_class`, `prefix`, `task_specific_params`). Parents may differ in them (two
-# fine-tunes saved by other transformers releases do); the merged config keeps parent A's, as for dropout rates.
+# `initializer_factor`, CLIP's `logit_scale_init_value`: the trained `logit_scale` is a weight), training and export
+# switches (`gradient_checkpointing`, left in old configs such as bert-base-uncased's; `torchscript`), a decoder's
+# cache (`use_cache`, `output_past`: the adapters merge encoders), hints for other tools (`tokenizer_class`, `prefix`,
+# `task_specific_params`) and fields only a head class no adapter merges reads (`tie_word_embeddings`: an LM head;
+# `encoder_stride`: ViTForMaskedImageModeling's decoder — a tied head would also differ in its tensors, which
+# `parameter_difference` refuses). Parents may differ in them (two fine-tunes saved by other transformers releases
+# do); the merged config keeps parent A's, as for dropout rates.
 # Not `chunk_size_feed_forward`: a chunked MLP runs once per chunk, so its hooks fire per chunk; parents differing in
 # it crashed the statistics pass, and are refused (the merge's passes run whole sequences: `objects.whole_sequences`).
 _NOT_COMPUTED_CONFIG_KEYS = frozenset({
-    "initializer_range", "initializer_factor", "gradient_checkpointing", "torchscript", "use_cache", "output_past",
-    "tokenizer_class", "prefix", "task_specific_params",
+    "initializer_range", "initializer_factor", "logit_scale_init_value", "gradient_checkpointing", "torchscript",
+    "use_cache", "output_past", "tokenizer_class", "prefix", "task_specific_params", "tie_word_embeddings",
+    "encoder_stride",
 })
 
 
