@@ -360,7 +360,8 @@ def test_an_adapter_bug_beside_an_unplaced_parameter_is_not_reported_as_an_unsup
 
 @pytest.mark.parametrize(("kind", "backbone"), [("vit_cls", "ViTModel"), ("bert_cls", "BertModel"),
                                                 ("roberta_cls", "RobertaModel"),
-                                                ("distilbert_cls", "DistilBertModel")])
+                                                ("distilbert_cls", "DistilBertModel"),
+                                                ("electra_cls", "ElectraModel")])
 def test_a_head_without_labels_is_refused_in_one_line_before_any_work(kind, backbone):
     """QA s25: `num_labels=0` heads. ViTForImageClassification (its classifier an nn.Identity) was refused as "not
     supported; use ViTModel or ViTForImageClassification" (its own class); BertForSequenceClassification (a zero-row

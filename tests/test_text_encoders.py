@@ -213,8 +213,15 @@ def test_electra_classifiers_with_different_label_sets_merge_and_reload_as_elect
         expected, found = parents[0](**batches[0]).logits, reloaded(**batches[0]).logits
     assert type(reloaded).__name__ == "ElectraForSequenceClassification"
     assert torch.allclose(found, expected, atol=1e-4 * expected.abs().max())
-    both = hf_mudsc.merge(parents, batches, progress=False)
+    both = hf_mudsc.merge(parents, make_batches("roberta_cls", num_batches=8), progress=False)
     assert both.config.num_labels == 5 and both.classifier.out_proj.out_features == 5
+    # each task's slice keeps its parent's decisions on most inputs (a head wired to the wrong units: chance level)
+    probe = make_batches("roberta_cls", num_batches=4, seed=9)
+    for parent, (start, stop) in zip(parents, ((0, 3), (3, 5))):
+        with torch.no_grad():
+            agree = torch.cat([(parent(**b).logits.argmax(-1) == both(**b).logits[:, start:stop].argmax(-1)).float()
+                               for b in probe]).mean()
+        assert agree > 0.6, float(agree)
 
 
 @pytest.mark.parametrize("head", ["ElectraForSequenceClassification", "ElectraModel"])
@@ -249,3 +256,78 @@ def transformers_class(name: str) -> type:
     import transformers
 
     return getattr(transformers, name)
+
+
+# Config fields transformers 4.x wrote into every config and transformers 5 no longer does.
+@pytest.mark.parametrize(("kind", "field", "value"), [
+    ("electra_cls", "position_embedding_type", "absolute"), ("bert_cls", "position_embedding_type", "absolute"),
+    ("distilbert_cls", "use_bfloat16", False), ("distilbert_cls", "pruned_heads", {}),
+    ("distilbert_cls", "is_decoder", False), ("electra_cls", "summary_type", "last"),
+    ("distilbert_cls", "tie_weights_", True)])
+def test_a_field_an_older_release_wrote_into_one_parents_config_only_is_not_a_difference(kind, field, value,
+                                                                                          tmp_path):
+    """Two fine-tunes, one saved by transformers 4.x (`"position_embedding_type": "absolute"`, DistilBERT's
+    `use_bfloat16` / `pruned_heads` / `is_decoder` from 2.x), one by 5 (which drops the field): refused as "different
+    configurations" (position_embedding_type: 'absolute' vs None) though both compute the same. Likewise fields only
+    a class no adapter merges reads (ELECTRA's multiple-choice `summary_*`, DistilBERT's unread `tie_weights_`)."""
+    from factories import make_batches, make_model
+
+    folders = []
+    for seed in (0, 1):
+        make_model(kind, seed).save_pretrained(tmp_path / str(seed))
+        folders.append(tmp_path / str(seed))
+    path = folders[0] / "config.json"
+    config = json.loads(path.read_text())
+    assert config.get(field) != value  # the two parents' configs differ in the field
+    config[field] = value
+    path.write_text(json.dumps(config))
+    plan = hf_mudsc.merge([str(f) for f in folders], make_batches(kind, 1), dry_run=True, progress=False)
+    assert plan is not None
+    hf_mudsc.merge([str(f) for f in folders], make_batches(kind, 2), method="mudsc", refit="none", progress=False)
+    # a value other than the old default is still a difference
+    if field in ("position_embedding_type", "is_decoder"):
+        config[field] = "relative_key" if field == "position_embedding_type" else True
+        path.write_text(json.dumps(config))
+        with pytest.raises(hf_mudsc.errors.MergeInputError):
+            hf_mudsc.merge([str(f) for f in folders], make_batches(kind, 1), dry_run=True, progress=False)
+
+
+def test_a_base_saved_without_a_field_its_fine_tunes_name_with_the_old_default_is_their_base(tmp_path):
+    """Fine-tunes saved by transformers 4.x (`"position_embedding_type": "absolute"`) of a base saved by 5 (no such
+    field): "the base has another configuration than the parents, so the parents are not fine-tunes of it"."""
+    from factories import fine_tune, make_batches, make_model
+
+    base = make_model("electra_cls", 0)
+    base.save_pretrained(tmp_path / "base")
+    for seed in (1, 2):
+        fine_tune(base, seed, 0.01).save_pretrained(tmp_path / f"ft{seed}")
+        path = tmp_path / f"ft{seed}" / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "position_embedding_type": "absolute"}))
+    merged = hf_mudsc.merge([str(tmp_path / "ft1"), str(tmp_path / "ft2")], make_batches("electra_cls", 1),
+                            method="task_arithmetic", base=str(tmp_path / "base"), progress=False)
+    assert merged.config.model_type == "electra"
+
+
+@pytest.mark.parametrize(("kind", "head"), [("distilbert_cls", ("pre_classifier", "classifier")),
+                                            ("electra_cls", ("classifier.dense", "classifier.out_proj")),
+                                            ("roberta_cls", ("classifier.dense", "classifier.out_proj"))])
+def test_a_first_token_heads_units_are_read_where_they_are_consumed(kind, head):
+    """docs/design.md §5.4: the stream at the head's first linear's input (one row per example: the first token),
+    the head's hidden layer at the output linear's input — after its activation (a permuted copy comes back wherever
+    a hook sits, so only this pins them)."""
+    from factories import make_batches, make_model
+
+    from hf_mudsc.spec import HookPoint
+
+    dense, out = head
+    spec = spec_for(make_model(kind, 0))
+    groups = {group.name: group for group in spec.groups}
+    assert groups["residual"].hooks == (HookPoint(dense, "input", per_example=True),)
+    assert groups[dense].hooks == (HookPoint(out, "input", per_example=True),)
+    assert groups[dense].width == groups["residual"].width
+    if kind == "distilbert_cls":  # after the ReLU: what the hook reads is never negative
+        model, seen = make_model(kind, 0), []
+        model.get_submodule(out).register_forward_hook(lambda module, args, output: seen.append(args[0]))
+        with torch.no_grad():
+            model(**make_batches(kind, 1)[0])
+        assert seen and bool((seen[0] >= 0).all()) and bool((seen[0] == 0).any())
