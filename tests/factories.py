@@ -23,6 +23,12 @@ from transformers import (
     CLIPVisionConfig,
     CLIPVisionModel,
     CLIPVisionModelWithProjection,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    DistilBertModel,
+    ElectraConfig,
+    ElectraForSequenceClassification,
+    ElectraModel,
     RobertaConfig,
     RobertaForSequenceClassification,
     RobertaModel,
@@ -40,6 +46,9 @@ BERT = dict(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_he
             max_position_embeddings=24, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 TEXT = dict(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
             max_position_embeddings=24, projection_dim=24, bos_token_id=57, eos_token_id=58, pad_token_id=0)
+DISTILBERT = dict(vocab_size=60, dim=32, n_layers=2, n_heads=4, hidden_dim=48, max_position_embeddings=24,
+                  dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)
+ELECTRA = dict(BERT, embedding_size=BERT["hidden_size"])  # ELECTRA-base's layout: no embeddings_project
 VISION = dict(hidden_size=40, num_hidden_layers=2, num_attention_heads=2, intermediate_size=56, image_size=16,
               patch_size=4, num_channels=3, projection_dim=24)
 
@@ -129,6 +138,13 @@ ROWS = (
     Architecture("roberta_cls", lambda n: RobertaForSequenceClassification(RobertaConfig(**BERT, num_labels=n)),
                  (text_batch(),), logits=True, labels=(3, 2)),
     Architecture("roberta", lambda n: RobertaModel(RobertaConfig(**BERT)), (text_batch(),)),
+    Architecture("distilbert_cls",
+                 lambda n: DistilBertForSequenceClassification(DistilBertConfig(**DISTILBERT, num_labels=n)),
+                 (text_batch(),), logits=True, labels=(2, 4)),
+    Architecture("distilbert", lambda n: DistilBertModel(DistilBertConfig(**DISTILBERT)), (text_batch(),)),
+    Architecture("electra_cls", lambda n: ElectraForSequenceClassification(ElectraConfig(**ELECTRA, num_labels=n)),
+                 (text_batch(),), logits=True, labels=(3, 4)),
+    Architecture("electra", lambda n: ElectraModel(ElectraConfig(**ELECTRA)), (text_batch(),)),
     Architecture("clip", lambda n: CLIPModel(CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=24)),
                  (image_batch(3), text_batch(TEXT["eos_token_id"])), logits=True),
     Architecture("clip_text", lambda n: CLIPTextModel(CLIPTextConfig(**TEXT)), (text_batch(TEXT["eos_token_id"]),)),

@@ -14,7 +14,7 @@ from hf_mudsc.architectures import spec_for
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
-@pytest.mark.parametrize("kind", ["bert_cls", "roberta_cls", "bert"])
+@pytest.mark.parametrize("kind", ["bert_cls", "roberta_cls", "distilbert_cls", "bert"])
 def test_a_parent_whose_config_says_return_dict_false_merges(kind, tmp_path, caplog):
     """A config saved with `return_dict=False` (set for torch.jit / ONNX export) makes the forward return a tuple:
     the merged model is a stock one (session 35: `from_pretrained(..., return_dict=False)` puts the switch on the

@@ -431,7 +431,7 @@ def test_evaluation_text_is_cut_to_the_positions_each_model_reaches(monkeypatch)
 
 
 @pytest.mark.parametrize("method", ["mudsc", "regmean", "fisher"])
-@pytest.mark.parametrize("kind", ["bert_cls", "roberta_cls"])
+@pytest.mark.parametrize("kind", ["bert_cls", "roberta_cls", "distilbert_cls", "electra_cls"])
 def test_tokenized_batches_longer_than_the_positions_are_refused_in_one_line(kind, method):
     """Pre-tokenized calibration longer than the parents' position table failed inside transformers: a bare
     RuntimeError traceback for regmean/fisher (the CLI printed it whole), an opaque 'expanded size of the tensor'
@@ -439,7 +439,7 @@ def test_tokenized_batches_longer_than_the_positions_are_refused_in_one_line(kin
     models = [make_model(kind, seed=0), make_model(kind, seed=1)]
     ids = torch.randint(5, 50, (4, 30), generator=torch.Generator().manual_seed(0))
     batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
-    reach = {"bert_cls": 24, "roberta_cls": 22}[kind]
+    reach = {"bert_cls": 24, "roberta_cls": 22, "distilbert_cls": 24, "electra_cls": 24}[kind]
     with pytest.raises(CalibrationError) as caught:
         hf_mudsc.merge(models, batches, method=method, progress=False)
     message = str(caught.value)

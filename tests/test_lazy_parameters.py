@@ -149,6 +149,7 @@ def _hub_style(model, folder, *, keys: str) -> None:
 @pytest.mark.parametrize(("kind", "keys"), [
     ("vit_cls", "save_pretrained"), ("vit_cls", "sharded"), ("vit_cls", "parameter names"), ("vit", "save_pretrained"),
     ("bert_cls", "save_pretrained"), ("bert_cls", "gamma/beta"), ("roberta_cls", "save_pretrained"),
+    ("distilbert_cls", "save_pretrained"), ("distilbert", "save_pretrained"),
     ("clip", "save_pretrained"), ("clip_vision", "save_pretrained"), ("clip_text", "save_pretrained")])
 def test_the_lazy_view_maps_checkpoint_keys_to_parameters_as_from_pretrained_does(tmp_path, kind, keys):
     """transformers 5 renames checkpoint keys as it loads them (a ViT's `vit.encoder.layer.0.intermediate.dense.

@@ -241,7 +241,9 @@ def test_a_config_mismatch_names_the_parents_by_letter(tmp_path):
 
 def test_unsupported_architecture_names_the_supported_ones():
     gpt = GPT2Model(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=20, n_positions=8))
-    with pytest.raises(UnsupportedArchitectureError, match="supported model types: bert, clip"):
+    supported = ("bert, camembert, clip, clip_text_model, clip_vision_model, distilbert, electra, roberta, vit, "
+                 "xlm-roberta")
+    with pytest.raises(UnsupportedArchitectureError, match=f"supported model types: {supported}"):
         hf_mudsc.merge([gpt, copy.deepcopy(gpt)], [{"input_ids": torch.ones(1, 4, dtype=torch.long)}])
 
 
@@ -357,7 +359,9 @@ def test_an_adapter_bug_beside_an_unplaced_parameter_is_not_reported_as_an_unsup
 
 
 @pytest.mark.parametrize(("kind", "backbone"), [("vit_cls", "ViTModel"), ("bert_cls", "BertModel"),
-                                                ("roberta_cls", "RobertaModel")])
+                                                ("roberta_cls", "RobertaModel"),
+                                                ("distilbert_cls", "DistilBertModel"),
+                                                ("electra_cls", "ElectraModel")])
 def test_a_head_without_labels_is_refused_in_one_line_before_any_work(kind, backbone):
     """QA s25: `num_labels=0` heads. ViTForImageClassification (its classifier an nn.Identity) was refused as "not
     supported; use ViTModel or ViTForImageClassification" (its own class); BertForSequenceClassification (a zero-row

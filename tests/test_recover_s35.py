@@ -40,7 +40,7 @@ MATCHING = [(options["method"], options["matcher"]) for _, options in method_run
             if get_method(options["method"]).matches_units]
 # The methods that match on activations alone (alpha 0 fixed): nothing but calibration tells their units apart.
 ACTIVATION_ONLY = [(method, matcher) for method, matcher in MATCHING if get_method(method).alpha == 0.0]
-KINDS = ("vit_cls", "bert_cls", "roberta_cls", "clip")
+KINDS = ("vit_cls", "bert_cls", "roberta_cls", "distilbert_cls", "clip")
 ALPHAS = (0.0, 1.0, 0.3, "auto")
 REFITS = ("none", "ridge", "gate", "repair", "auto")
 SIZES = (1.0, 1.5, 2.0)
@@ -206,7 +206,7 @@ def test_three_parents_with_constant_units_come_back(method, matcher):
 
 
 @pytest.mark.parametrize(("method", "matcher"), MATCHING)
-@pytest.mark.parametrize("kind", ["vit_cls", "bert_cls", "roberta_cls"])
+@pytest.mark.parametrize("kind", ["vit_cls", "bert_cls", "roberta_cls", "distilbert_cls"])
 def test_a_single_calibration_example_still_recovers_the_permuted_copy(kind, method, matcher, caplog):
     """merge([A, perm(A)], [one example], method="activation_align", refit="none"): the groups read once per example
     (the residual stream at the first token, BERT's pooler) saw one row, every unit zero-variance, correlation 0

@@ -113,7 +113,7 @@ def test_unlocked_pairs_pass_with_their_relation(kind):
     for expected, b in pairs.items():
         assert check_mergeable(params(a), params(b), spec, ["a", "b"]).relation == expected, expected
     # fine-tunes that move only the attention projections (LoRA on q/v) are not mistaken for a lock
-    lora = fine_tuned(a, 0.3, seed=3, only=("query", "value", "q_proj", "v_proj"))
+    lora = fine_tuned(a, 0.3, seed=3, only=("query", "value", "q_proj", "v_proj", "q_lin", "v_lin"))
     assert check_mergeable(params(a), params(lora), spec, ["a", "b"]).relation == "shared base"
 
 

@@ -184,7 +184,8 @@ def test_moments_are_streamed_sums_whose_size_does_not_grow_with_the_samples():
 
 
 @pytest.mark.parametrize(("kind", "matcher"), [("vit_cls", "align"), ("vit_cls", "zip"), ("bert_cls", "zip"),
-                                               ("roberta_cls", "align"), ("clip", "align")])
+                                               ("roberta_cls", "align"), ("distilbert_cls", "zip"),
+                                               ("clip", "align")])
 def test_repair_returns_a_model_merged_with_its_permuted_copy_unchanged(kind, matcher):
     model = make_model(kind, seed=0)
     permuted = permuted_copy(model, spec_for(model), seed=1)

@@ -114,6 +114,16 @@ def mlp_group(block: str, *, up: str, down: str, width: int, mask: str | None = 
     )
 
 
+def first_token_head(dense: str, out: str, width: int) -> tuple[list[Member], HookPoint, Group]:
+    """A sequence classifier on the first token with one hidden layer (`dense` -> activation -> `out`: RoBERTa's,
+    ELECTRA's and DistilBERT's heads): the stream's members it holds (`dense`'s columns), where the stream is read
+    (`dense`'s input, one sample per example), and its hidden layer as one more group (`dense`'s rows and `out`'s
+    columns, read at `out`'s input)."""
+    hidden = Group(name=dense, width=width, members=tuple(linear_out(dense) + in_cols(f"{out}.weight")),
+                   hooks=(HookPoint(out, "input", per_example=True),))
+    return in_cols(f"{dense}.weight"), HookPoint(dense, "input", per_example=True), hidden
+
+
 @dataclass(frozen=True)
 class Embedding:
     """One embedding-side tensor of the residual stream: its name (after the tower prefix) and unit axis.
@@ -169,6 +179,7 @@ def encoder_groups(
     mask: str | None = None,
     config_prefix: str = "",
     attention_width: int | None = None,
+    intermediate_key: str = "intermediate_size",
 ) -> tuple[list[Member], list[Group]]:
     """The residual stream's members and the per-layer block groups of one tower (`prefix` ends in '.' or is '').
 
@@ -176,7 +187,9 @@ def encoder_groups(
     pins `head_dim`, e.g. a `size_spend="residual"` merge); default `width`.
 
     `config_prefix`: where the tower's config sits in the model's config ('' or e.g. 'vision_config.'), so the
-    MLP groups name the attribute that sets their width (`{config_prefix}intermediate_size`).
+    MLP groups name the attribute that sets their width (`{config_prefix}{intermediate_key}`; `intermediate_key`:
+    the config's name for the MLP width, `intermediate_size` but for configs that call it otherwise, e.g.
+    DistilBERT's `hidden_dim`).
 
     A linear's bias is a member iff the model has it (a missing bias is simply absent; an extra one would
     still be caught by `PermutationSpec.validate`), so variants such as ViT's `qkv_bias=False` need no code.
@@ -211,7 +224,7 @@ def encoder_groups(
         blocks += attention_groups(f"{layer}.{names.attention}", query=q, key=k, value=v, output=o,
                                    width=attention_width or width, num_heads=num_heads, mask=mask, biases=params)
         blocks.append(mlp_group(layer, up=up, down=down, width=intermediate, mask=mask,
-                                width_key=f"{config_prefix}intermediate_size"))
+                                width_key=f"{config_prefix}{intermediate_key}"))
     if table.final_norm is not None:
         residual += norm(f"{prefix}{table.final_norm}")
     return residual, blocks

@@ -31,7 +31,18 @@ _NOT_COMPUTED_CONFIG_KEYS = frozenset({
     "initializer_range", "initializer_factor", "logit_scale_init_value", "gradient_checkpointing", "torchscript",
     "use_cache", "output_past", "tokenizer_class", "prefix", "task_specific_params", "tie_word_embeddings",
     "encoder_stride",
+    # ELECTRA's sequence summary (read by ElectraForMultipleChoice only) and DistilBERT's `tie_weights_` (read by
+    # nothing in transformers 5)
+    "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels", "tie_weights_",
 })
+
+#: Fields older transformers releases wrote into every config that transformers 5 no longer writes (a fine-tune saved
+#: by 4.x names `position_embedding_type`, one by 2.x `use_bfloat16` / `pruned_heads` / `is_decoder`; the same model
+#: saved by 5, or its base, does not): a config without one reads as that release's value, which the installed
+#: classes assume (`check_encoder_config` refuses any position_embedding_type but "absolute").
+LEGACY_DEFAULTS: Mapping[str, object] = {
+    "position_embedding_type": "absolute", "use_bfloat16": False, "pruned_heads": {}, "is_decoder": False,
+}
 
 
 #: How a model returns its outputs, as `from_pretrained(path, return_dict=False, output_hidden_states=True)` sets it on
@@ -89,15 +100,16 @@ def _differences(a: PretrainedConfig, b: PretrainedConfig, compared: Callable[[s
     da, db = a.to_dict(), b.to_dict()
     problems = []
     for key in sorted(set(da) | set(db)):
-        va, vb = da.get(key), db.get(key)
+        va, vb = da.get(key, LEGACY_DEFAULTS.get(key)), db.get(key, LEGACY_DEFAULTS.get(key))
         if isinstance(va, dict) and isinstance(vb, dict) and key.endswith("_config"):
             if not descend(key):
                 continue
             sub_a = {k: v for k, v in va.items() if compared(k)}
             sub_b = {k: v for k, v in vb.items() if compared(k)}
             for sub in sorted(set(sub_a) | set(sub_b)):
-                if sub_a.get(sub) != sub_b.get(sub):
-                    problems.append(f"{prefix}{key}.{sub}: {sub_a.get(sub)!r} vs {sub_b.get(sub)!r}")
+                value_a, value_b = sub_a.get(sub, LEGACY_DEFAULTS.get(sub)), sub_b.get(sub, LEGACY_DEFAULTS.get(sub))
+                if value_a != value_b:
+                    problems.append(f"{prefix}{key}.{sub}: {value_a!r} vs {value_b!r}")
         elif compared(key) and va != vb:
             problems.append(f"{prefix}{key}: {va!r} vs {vb!r}")
     return problems
