@@ -352,7 +352,10 @@ class Recipe(MergeOptions):
     def check_references(self) -> None:
         """Refuse a parent or base reference the loader would refuse before reading anything (an access token in
         place of a name, `org/name@` ...: `load.references.parse_reference`, reused), and calibration data named by
-        a token: at once, by `merge --recipe` and `inspect RECIPE` alike, without the token in any message."""
+        a token or by a spec the data loader refuses (empty, too many `:` parts, an empty part or revision:
+        `calibrate.dataset_spec.DatasetSpec.parse`, reused; it was refused only once the parents' configs were read,
+        from the Hub too): at once, by `merge --recipe` and `inspect RECIPE` alike, without the token in any message."""
+        from hf_mudsc.calibrate.dataset_spec import DatasetSpec
         from hf_mudsc.errors import LoadError
         from hf_mudsc.load.references import parse_reference
 
@@ -363,6 +366,8 @@ class Recipe(MergeOptions):
                 raise RecipeError(f"{label}: {error}") from None
         if self.calibration and looks_like_token(self.calibration):
             raise RecipeError(f"calibration looks like a Hugging Face access token (not shown); {TOKEN_FIX}")
+        if self.calibration is not None:
+            DatasetSpec.parse(self.calibration, error=RecipeError)
 
     def missing_local_inputs(self, skip: frozenset[str] = frozenset()) -> list[str]:
         """What a run of this recipe would not find on this machine, one line each: parent and base folders (a

@@ -1,0 +1,32 @@
+"""Session 38's hunt of the CLI and recipes: option agreement, recipes, errors before heavy work, inspect/demo flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cli_runs import run_cli
+from factories import vit_cli_case
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory) -> tuple[list[str], str]:
+    """Two tiny ViT parent folders and a saved calibration dataset (`factories.vit_cli_case`)."""
+    return vit_cli_case(tmp_path_factory.mktemp("case"))
+
+
+def no_loading(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the parents were located or loaded before the refusal")
+
+
+@pytest.mark.parametrize("spec", ["", "data:config:split:extra", "data:", "org/ds@:train"])
+def test_a_malformed_calibration_spec_is_refused_before_any_parent_is_read(case, tmp_path, monkeypatch, capsys,
+                                                                            spec):
+    """`hf-mudsc merge A B -o OUT --calibration 'a:b:c:d'` read the parents' configs (or asked the Hub) first, exit 1."""
+    parents, _ = case
+    monkeypatch.setattr("hf_mudsc.load.parents.load_parents_and_base", no_loading)
+    code, err = run_cli(["merge", *parents, "-o", str(tmp_path / "out"), "--calibration", spec], capsys)
+    assert code == 2 and len(err) == 1 and "calibration spec" in err[0], err
+    assert not (tmp_path / "out").exists()
