@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from cli_runs import run_cli
 from factories import vit_cli_case
@@ -24,9 +22,29 @@ def no_loading(*args: object, **kwargs: object) -> None:
 @pytest.mark.parametrize("spec", ["", "data:config:split:extra", "data:", "org/ds@:train"])
 def test_a_malformed_calibration_spec_is_refused_before_any_parent_is_read(case, tmp_path, monkeypatch, capsys,
                                                                             spec):
-    """`hf-mudsc merge A B -o OUT --calibration 'a:b:c:d'` read the parents' configs (or asked the Hub) first, exit 1."""
+    """`hf-mudsc merge A B -o OUT --calibration 'a:b:c:d'` read the parents' configs (or the Hub) first, exit 1."""
     parents, _ = case
     monkeypatch.setattr("hf_mudsc.load.parents.load_parents_and_base", no_loading)
     code, err = run_cli(["merge", *parents, "-o", str(tmp_path / "out"), "--calibration", spec], capsys)
     assert code == 2 and len(err) == 1 and "calibration spec" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--image-column", ""), ("--image-column", " "), ("--text-column", "")])
+def test_an_empty_column_name_is_refused_before_any_parent_is_read(case, tmp_path, monkeypatch, capsys, flag, value):
+    """`hf-mudsc merge A B --calibration D --image-column "" -o OUT` opened the parents and the data first, exit 1."""
+    parents, calibration = case
+    monkeypatch.setattr("hf_mudsc.load.parents.load_parents_and_base", no_loading)
+    code, err = run_cli(["merge", *parents, "-o", str(tmp_path / "out"), "--calibration", calibration, flag, value],
+                        capsys)
+    assert code == 2 and len(err) == 1 and flag in err[0] and "empty" in err[0], err
+
+
+def test_an_empty_output_is_refused_not_ignored_beside_a_push(case, monkeypatch, capsys):
+    """`hf-mudsc merge A B -o "$UNSET" --push-to-hub org/x` dropped --output silently and went on to push only."""
+    parents, _ = case
+    monkeypatch.setattr("hf_mudsc.load.parents.load_parents_and_base", no_loading)
+    monkeypatch.setattr("hf_mudsc.publish.hub.check_target", no_loading)
+    for given in ([], ["--push-to-hub", "org/merged"]):
+        code, err = run_cli(["merge", *parents, "--method", "linear", "-o", "", *given], capsys)
+        assert code == 2 and len(err) == 1 and "--output" in err[0] and "empty" in err[0], err
