@@ -48,3 +48,15 @@ def test_an_empty_output_is_refused_not_ignored_beside_a_push(case, monkeypatch,
     for given in ([], ["--push-to-hub", "org/merged"]):
         code, err = run_cli(["merge", *parents, "--method", "linear", "-o", "", *given], capsys)
         assert code == 2 and len(err) == 1 and "--output" in err[0] and "empty" in err[0], err
+
+
+def test_a_batch_size_without_calibration_data_is_said_to_have_no_effect(case, tmp_path, capsys):
+    """`hf-mudsc merge A B --method linear --batch-size 8 -o OUT` ignored --batch-size without a word (--num-samples
+    warned)."""
+    import json
+
+    parents, _ = case
+    out = tmp_path / "out"
+    code, _ = run_cli(["merge", *parents, "--method", "linear", "--batch-size", "8", "-o", str(out)], capsys)
+    warnings = json.loads((out / "config.json").read_text())["mudsc"]["warnings"]
+    assert code == 0 and any("--batch-size" in text and "no effect" in text for text in warnings), warnings
