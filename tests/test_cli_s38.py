@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from cli_runs import run_cli
 from factories import vit_cli_case
@@ -60,3 +62,28 @@ def test_a_batch_size_without_calibration_data_is_said_to_have_no_effect(case, t
     code, _ = run_cli(["merge", *parents, "--method", "linear", "--batch-size", "8", "-o", str(out)], capsys)
     warnings = json.loads((out / "config.json").read_text())["mudsc"]["warnings"]
     assert code == 0 and any("--batch-size" in text and "no effect" in text for text in warnings), warnings
+
+
+@pytest.fixture(scope="module")
+def merged(case, tmp_path_factory) -> Path:
+    """A data-free merge of the two parents, written by the CLI."""
+    from hf_mudsc.cli.main import main
+
+    parents, _ = case
+    out = tmp_path_factory.mktemp("merged") / "out"
+    assert main(["merge", *parents, "--method", "linear", "-o", str(out), "-q"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("argv", [["-d", "a:b:c:d"], ["-d", ""], ["-d", "org/ds@:train"], ["-d", "DATA:"],
+                                  ["-d", "DATA", "--output-json", ""], ["-d", "DATA", "--label-column", ""],
+                                  ["-d", "DATA", "--task-column", " "]])
+def test_evaluate_refuses_a_malformed_spec_or_an_empty_value_before_loading_the_model(merged, case, monkeypatch,
+                                                                                     capsys, argv):
+    """`hf-mudsc evaluate DIR -d 'a:b:c:d'` loaded the merged model (from the Hub too) before refusing, exit 1;
+    `--output-json ""` was dropped silently."""
+    _, data = case
+    monkeypatch.setattr("hf_mudsc.load.parents.load_parent", no_loading)
+    argv = [value.replace("DATA", data) for value in argv]
+    code, err = run_cli(["evaluate", str(merged), *argv, "--no-parents"], capsys)
+    assert code == 2 and len(err) == 1 and "--" in err[0], err

@@ -37,7 +37,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from hf_mudsc.calibrate.dataset_spec import missing_local_data
+from hf_mudsc.calibrate.dataset_spec import DatasetSpec, missing_local_data
 from hf_mudsc.cli.arguments import path_text
 from hf_mudsc.cli.merge import option_argument
 from hf_mudsc.errors import EvaluationError, UsageError, escaped, parent_label
@@ -582,6 +582,19 @@ def check_arguments(args: argparse.Namespace) -> dict[str, list[str]] | None:
                 "--prompt-template", "--metric", "--output-json"))])  # the results file's path is printed when written
     except EvaluationError as error:
         raise UsageError(str(error)) from None
+    # An empty value (`--output-json "$UNSET"`) was dropped silently (the results not written) or refused only once
+    # the model was loaded (a column named '').
+    empty = [flag for flag in ("--task-column", "--label-column", "--image-column", "--text-column", "--output-json")
+             if (value := getattr(args, flag[2:].replace("-", "_"))) is not None and not value.strip()]
+    if empty:
+        raise UsageError(f"{', '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty (an unset shell variable?); "
+                         f"pass {'a value' if len(empty) == 1 else 'values'}, or leave "
+                         f"{'it' if len(empty) == 1 else 'them'} out")
+    for _, spec in map(_split_task, args.dataset or []):  # a malformed spec: before the model loads (from the Hub)
+        try:
+            DatasetSpec.parse(spec, kind="evaluation", error=UsageError)
+        except UsageError as error:  # it names the spec (a token: not shown)
+            raise UsageError(f"--dataset: {error}") from None
     try:
         class_names = _class_names(args.class_names)
     except ValueError as error:
