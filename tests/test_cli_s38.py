@@ -87,3 +87,4 @@ def test_evaluate_refuses_a_malformed_spec_or_an_empty_value_before_loading_the_
     argv = [value.replace("DATA", data) for value in argv]
     code, err = run_cli(["evaluate", str(merged), *argv, "--no-parents"], capsys)
     assert code == 2 and len(err) == 1 and "--" in err[0], err
+
