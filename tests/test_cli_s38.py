@@ -88,3 +88,36 @@ def test_evaluate_refuses_a_malformed_spec_or_an_empty_value_before_loading_the_
     code, err = run_cli(["evaluate", str(merged), *argv, "--no-parents"], capsys)
     assert code == 2 and len(err) == 1 and "--" in err[0], err
 
+
+
+@pytest.mark.parametrize("name", ["a" * 300, "a" * 300 + "/plots"], ids=["long", "under-long"])
+def test_inspect_refuses_an_output_name_too_long_in_one_line(merged, tmp_path, monkeypatch, capsys, name):
+    """`hf-mudsc inspect DIR -o $(printf 'a%.0s' {1..300})` ended in a traceback (OSError: File name too long)."""
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(["inspect", str(merged), "-o", name], capsys)
+    assert code == 1 and len(err) == 1 and err[0].startswith("hf-mudsc inspect: error: --output"), err
+    assert list(tmp_path.iterdir()) == []
+
+
+LONG = "a" * 300  # one name past the usual 255-byte limit
+
+
+@pytest.mark.parametrize("argv", [["inspect", LONG], ["inspect", f"{LONG}.yaml"],
+                                  ["merge", f"./{LONG}", "PARENT", "-o", "out"],
+                                  ["merge", "--recipe", f"{LONG}.yaml", "-o", "out"],
+                                  ["merge", "PARENT", "PARENT", "--method", "ties", "--base", f"./{LONG}", "-o", "out"],
+                                  ["evaluate", f"./{LONG}", "-d", "DATA"],
+                                  ["evaluate", "MERGED", "-d", "DATA", "--parents", f"./{LONG}", "PARENT"],
+                                  ["push", f"./{LONG}", "org/name"]],
+                         ids=["inspect", "inspect-recipe", "merge-parent", "merge-recipe", "merge-base", "evaluate",
+                              "evaluate-parents", "push"])
+def test_a_path_too_long_for_the_system_is_one_line_not_a_traceback(case, merged, tmp_path, monkeypatch, capsys,
+                                                                    argv):
+    """`hf-mudsc inspect $(printf 'a%.0s' {1..300})` (and merge's parents, --recipe, --base, evaluate's DIR and
+    --parents, push's folder) ended in a traceback: OSError [Errno 36] File name too long."""
+    parents, data = case
+    argv = [{"PARENT": parents[0], "DATA": data, "MERGED": str(merged)}.get(value, value) for value in argv]
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(argv, capsys)
+    assert code in (1, 2) and len(err) == 1 and err[0].startswith(f"hf-mudsc {argv[0]}: error: "), err
+    assert "too long" in err[0] and LONG not in err[0], err

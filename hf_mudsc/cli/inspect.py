@@ -320,9 +320,13 @@ def printable(value: Any) -> Any:
 
 
 def holds_model(folder: Path) -> bool:
-    """Whether `folder` holds a model's config, weights or recipe (at its top level)."""
-    return folder.is_dir() and not folder.is_symlink() and any(
-        next(folder.glob(pattern), None) is not None for pattern in MODEL_FILES)
+    """Whether `folder` holds a model's config, weights or recipe (at its top level). A path the system cannot look
+    up (a name too long) holds none: `check_output` then refuses it in one line, where this raised a traceback."""
+    try:
+        return folder.is_dir() and not folder.is_symlink() and any(
+            next(folder.glob(pattern), None) is not None for pattern in MODEL_FILES)
+    except OSError:
+        return False
 
 
 def inspect_folder(folder: Path, *, output: str | None = None, overwrite: bool = False, plots: bool = True) -> int:

@@ -265,6 +265,27 @@ def disk_failure(error: BaseException, command: str | None) -> str | None:
     return f"hf-mudsc {command}: error: {line}{claim}; {fix}"
 
 
+# How much of a path too long for the system `name_too_long` shows, at each end.
+LONG_PATH_SHOWN = 40
+
+
+def name_too_long(error: BaseException, command: str | None) -> str | None:
+    """The one line for a path the system refuses as too long (ENAMETOOLONG: a name past 255 bytes, a path past
+    PATH_MAX), else None. Any path a command reads (a parent, --recipe, --base, inspect's or evaluate's DIR, push's
+    folder) raised it from a first look (`is_dir`, `exists`) that only a missing path was expected to answer: a
+    traceback. The path is shown by its ends."""
+    if not isinstance(error, OSError) or error.errno != errno.ENAMETOOLONG:
+        return None
+    given = error.filename
+    where = os.fsdecode(given) if isinstance(given, (str, bytes, os.PathLike)) else ""
+    size = len(os.fsencode(where))
+    if len(where) > 2 * LONG_PATH_SHOWN + 3:
+        where = f"{where[:LONG_PATH_SHOWN]}...{where[-LONG_PATH_SHOWN:]}"
+    named = f" ({where!r}, {size} bytes)" if where else ""
+    return (f"hf-mudsc {command}: error: a path given is too long for this system{named}: no such file or folder can "
+            "exist; pass a shorter path (a name of at most 255 bytes)")
+
+
 # The argparse actions that hold one value (store, --x/--no-x): given a second time, argparse keeps the last
 # silently. Not counted: flags meant to repeat (append, count: `--dataset`, `-v`) and switches storing one constant
 # (store_true / store_const: `-q`), which mean the same however often they are given.
@@ -555,7 +576,7 @@ def run_parsed(args: argparse.Namespace) -> int:
               "smaller --batch-size", file=sys.stderr)
         return 1
     except Exception as error:
-        line = disk_failure(error, args.command)
+        line = disk_failure(error, args.command) or name_too_long(error, args.command)
         if line is None:
             raise
         logging.getLogger("hf_mudsc").debug("command failed", exc_info=True)
