@@ -121,3 +121,10 @@ def test_a_path_too_long_for_the_system_is_one_line_not_a_traceback(case, merged
     code, err = run_cli(argv, capsys)
     assert code in (1, 2) and len(err) == 1 and err[0].startswith(f"hf-mudsc {argv[0]}: error: "), err
     assert "too long" in err[0] and LONG not in err[0], err
+
+
+def test_an_empty_parent_on_the_command_line_gets_no_yaml_advice(case, tmp_path, capsys):
+    """`hf-mudsc merge "$UNSET" A -o OUT` said "quote a name YAML reads as something else (`'yes'`, `'null'`)"."""
+    parents, _ = case
+    code, err = run_cli(["merge", "", parents[0], "--method", "linear", "-o", str(tmp_path / "out")], capsys)
+    assert code == 2 and len(err) == 1 and "YAML" not in err[0] and "empty" in err[0], err

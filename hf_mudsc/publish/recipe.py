@@ -237,7 +237,7 @@ class Recipe(MergeOptions):
         unknown = sorted(set(changes) - set(self.keys()))
         if unknown:
             raise RecipeError(f"unknown recipe key(s) {unknown}")
-        coerced = {k: self.coerce(k, v, "command line") for k, v in changes.items()}
+        coerced = {k: self.coerce(k, v, COMMAND_LINE) for k, v in changes.items()}
         return dataclasses.replace(self, **coerced)
 
     def shown(self) -> tuple[Recipe, list[LocalReference]]:
@@ -764,10 +764,15 @@ def yaml_value(value: Any) -> str:
     return text.removesuffix("\n").removesuffix("\n...").strip()
 
 
+# How `Recipe.override` names the command line's flags as a source (no YAML there: no advice to quote).
+COMMAND_LINE = "command line"
+
+
 def _expect_str(key: str, value: Any, source: str) -> str:
     if not isinstance(value, str) or not value:
-        raise RecipeError(f"{source}: every entry of `{key}` must be a non-empty string, got {shown(value)}; quote "
-                          "a name YAML reads as something else (`'yes'`, `'null'`)")
+        fix = ("give every parent as a Hub id or a folder (an unset shell variable gives '')" if source == COMMAND_LINE
+               else "quote a name YAML reads as something else (`'yes'`, `'null'`)")
+        raise RecipeError(f"{source}: every entry of `{key}` must be a non-empty string, got {shown(value)}; {fix}")
     return value
 
 
