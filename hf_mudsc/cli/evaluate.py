@@ -156,9 +156,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _split_task(value: str) -> tuple[str | None, str]:
     """`TASK=SPEC` -> (TASK, SPEC); a prefix holding a path separator or ':' is part of the spec instead."""
     head, sep, rest = value.partition("=")
-    if sep and head and rest and not re.search(r"[/\\:]", head):
+    if sep and rest and _is_task_name(head):
         return head, rest
     return None, value
+
+
+def _is_task_name(head: str) -> bool:
+    """Whether the text before a `--dataset` value's '=' names a task (no path separator or ':', which a spec has)."""
+    return bool(head) and not re.search(r"[/\\:]", head)
+
+
+def _empty_task_spec(value: str) -> bool:
+    """Whether `value` is `TASK=` with nothing after '=' (`-d "task_0=$UNSET"`), which `_split_task` reads as a whole
+    spec, refused only once the model was loaded; a file or folder of that very name is a spec."""
+    head, sep, rest = value.partition("=")
+    return bool(sep) and not rest.strip() and _is_task_name(head) and not os.path.exists(value)
 
 
 def _class_names(values: list[str] | None) -> dict[str, list[str]] | None:
@@ -590,6 +602,9 @@ def check_arguments(args: argparse.Namespace) -> dict[str, list[str]] | None:
         raise UsageError(f"{', '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty (an unset shell variable?); "
                          f"pass {'a value' if len(empty) == 1 else 'values'}, or leave "
                          f"{'it' if len(empty) == 1 else 'them'} out")
+    if empty_spec := next((value for value in args.dataset or [] if _empty_task_spec(value)), None):
+        raise UsageError(f"--dataset {empty_spec!r}: the spec after '=' is empty (an unset shell variable?); pass "
+                         f"{empty_spec}SPEC (a dataset folder or `repo[:config]:split`)")
     for _, spec in map(_split_task, args.dataset or []):  # a malformed spec: before the model loads (from the Hub)
         try:
             DatasetSpec.parse(spec, kind="evaluation", error=UsageError)
