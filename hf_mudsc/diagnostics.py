@@ -244,7 +244,7 @@ def inert_options_warnings(options: MergeOptions, *, method: str, reads_base: bo
     refit_names = (("refit_lambda", "refit_norms", "refit_samples") if refit == "none"
                    else ("refit_lambda", "refit_norms") if refit == "repair" else ())
     cases = [(refit_names, "no refit runs" if refit == "none" else "refit='repair' reads only refit_samples"),
-             (("num_samples", "image_column", "text_column", "statistics_dtype") if not has_data else (),
+             (("num_samples", "batch_size", "image_column", "text_column", "statistics_dtype") if not has_data else (),
               "no calibration data is given")]
     if has_data and reads_data and inputs:  # the column of a kind no parent reads is never preprocessed
         cases += [(("text_column",) if "input_ids" not in inputs else (),

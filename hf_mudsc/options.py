@@ -353,9 +353,23 @@ def _check_device(name: str, value: str | None, cli: str) -> None:
         raise OptionError(f"unknown device {shown(value)} {cli}; use 'cpu', 'cuda' or 'cuda:N'")
 
 
+def _check_given(what: str) -> Callable[[str, Any, str], None]:
+    """The check of a text option that names something (`what`, for the fix): an empty or blank value (`-o "$UNSET"`,
+    `--image-column ""`) is refused with the other options. It was read as unset (`--output` dropped beside a
+    --push-to-hub that went on alone) or refused only once the parents and the data were opened."""
+
+    def check(name: str, value: str | None, cli: str) -> None:
+        if value is not None and not value.strip():
+            raise OptionError(f"{name} {cli} is empty (an unset shell variable?); pass {what}, or leave "
+                              f"{flag(name)} out")
+
+    return check
+
+
 def _check_text_column(name: str, value: str | None, cli: str) -> None:
     """One text column or a pair (`calibrate.datasets.text_columns`): a wrong count is known from the value alone, so
     refused with the other options, before any parent or data is opened."""
+    _check_given("the text column of the calibration data (or two, comma-separated)")(name, value, cli)
     names = [] if value is None else [part.strip() for part in value.split(",")]
     if len(names) > 2 or not all(names):
         raise OptionError(f"text_column={value!r} {cli} names {len(names)} columns; name one text column or two "
@@ -909,7 +923,8 @@ class MergeOptions:
         help="where the calibration forward passes run: cpu, cuda or cuda:N (default: cuda when available, "
         "else cpu); the merged model is saved the same either way")
     image_column: str | None = option(
-        None, kind="str", metavar="NAME", show_default=False,
+        None, kind="str", check=_check_given("the image column of the calibration data"), metavar="NAME",
+        show_default=False,
         help="image column of the calibration dataset (default: image or img)")
     text_column: str | None = option(
         None, kind="str", check=_check_text_column, metavar="NAME", show_default=False,
@@ -928,8 +943,8 @@ class MergeOptions:
         "headers (no weights downloaded), print the parents, their relation, the method, the groups and widths, "
         "the calibration rows and an estimate of time and peak memory; nothing is written or pushed")
     output: str | None = option(
-        None, kind="str", keyword=False, recipe=False, destination=True, metavar="DIR", short="-o",
-        show_default=False,
+        None, kind="str", check=_check_given("the folder for the merged model"), keyword=False, recipe=False,
+        destination=True, metavar="DIR", short="-o", show_default=False,
         help="folder for the merged model (safetensors weights, processor, README.md card, "
         f"{RECIPE_FILENAME}, the diagnostics: merge_diagnostics.json, plots/); must not exist unless --overwrite")
     push_to_hub: str | None = option(

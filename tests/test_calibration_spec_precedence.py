@@ -74,7 +74,7 @@ def test_the_api_the_cli_and_a_dry_run_refuse_it_alike_before_weights(workdir, t
         code = main(["merge", str(a), str(b), "--calibration", "mnist:train", "--method", "zipit", "--output",
                      str(out), *extra])
         err = capsys.readouterr().err.strip()
-        assert code == 1 and err.endswith(AMBIGUOUS) and len(err.splitlines()) == 1, err
+        assert code == 2 and err.endswith(AMBIGUOUS) and len(err.splitlines()) == 1, err  # with the options
         assert not out.exists()
 
 

@@ -923,7 +923,7 @@ def test_evaluation_data_that_cannot_be_loaded_is_called_evaluation_data_naming_
     root, out, tests = merged_folder
     monkeypatch.chdir(root)
     assert main(["evaluate", str(out), "--dataset", f"vit-a={tests['vit-a']}", "--dataset", "vit-b=test-vit-b",
-                 "--no-card", "--output-json", str(tmp_path / "x.json")]) == 1
+                 "--no-card", "--output-json", str(tmp_path / "x.json")]) == 2  # with the flags, before loading
     err = capsys.readouterr().err
     assert "evaluation spec 'test-vit-b' is ambiguous" in err and "calibration" not in err, err
     nope = tmp_path / "nope"

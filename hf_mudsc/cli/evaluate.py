@@ -37,7 +37,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from hf_mudsc.calibrate.dataset_spec import missing_local_data
+from hf_mudsc.calibrate.dataset_spec import DatasetSpec, missing_local_data
 from hf_mudsc.cli.arguments import path_text
 from hf_mudsc.cli.merge import option_argument
 from hf_mudsc.errors import EvaluationError, UsageError, escaped, parent_label
@@ -156,9 +156,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _split_task(value: str) -> tuple[str | None, str]:
     """`TASK=SPEC` -> (TASK, SPEC); a prefix holding a path separator or ':' is part of the spec instead."""
     head, sep, rest = value.partition("=")
-    if sep and head and rest and not re.search(r"[/\\:]", head):
+    if sep and rest and _is_task_name(head):
         return head, rest
     return None, value
+
+
+def _is_task_name(head: str) -> bool:
+    """Whether the text before a `--dataset` value's '=' names a task (no path separator or ':', which a spec has)."""
+    return bool(head) and not re.search(r"[/\\:]", head)
+
+
+def _empty_task_spec(value: str) -> bool:
+    """Whether `value` is `TASK=` with nothing after '=' (`-d "task_0=$UNSET"`), which `_split_task` reads as a whole
+    spec, refused only once the model was loaded; a file or folder of that very name is a spec."""
+    head, sep, rest = value.partition("=")
+    return bool(sep) and not rest.strip() and _is_task_name(head) and not os.path.exists(value)
 
 
 def _class_names(values: list[str] | None) -> dict[str, list[str]] | None:
@@ -582,6 +594,22 @@ def check_arguments(args: argparse.Namespace) -> dict[str, list[str]] | None:
                 "--prompt-template", "--metric", "--output-json"))])  # the results file's path is printed when written
     except EvaluationError as error:
         raise UsageError(str(error)) from None
+    # An empty value (`--output-json "$UNSET"`) was dropped silently (the results not written) or refused only once
+    # the model was loaded (a column named '').
+    empty = [flag for flag in ("--task-column", "--label-column", "--image-column", "--text-column", "--output-json")
+             if (value := getattr(args, flag[2:].replace("-", "_"))) is not None and not value.strip()]
+    if empty:
+        raise UsageError(f"{', '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty (an unset shell variable?); "
+                         f"pass {'a value' if len(empty) == 1 else 'values'}, or leave "
+                         f"{'it' if len(empty) == 1 else 'them'} out")
+    if empty_spec := next((value for value in args.dataset or [] if _empty_task_spec(value)), None):
+        raise UsageError(f"--dataset {empty_spec!r}: the spec after '=' is empty (an unset shell variable?); pass "
+                         f"{empty_spec}SPEC (a dataset folder or `repo[:config]:split`)")
+    for _, spec in map(_split_task, args.dataset or []):  # a malformed spec: before the model loads (from the Hub)
+        try:
+            DatasetSpec.parse(spec, kind="evaluation", error=UsageError)
+        except UsageError as error:  # it names the spec (a token: not shown)
+            raise UsageError(f"--dataset: {error}") from None
     try:
         class_names = _class_names(args.class_names)
     except ValueError as error:

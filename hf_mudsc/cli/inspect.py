@@ -9,6 +9,7 @@ own checks and dry run (configs and safetensors headers, no weights), so it refu
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import re
 import sys
@@ -320,9 +321,16 @@ def printable(value: Any) -> Any:
 
 
 def holds_model(folder: Path) -> bool:
-    """Whether `folder` holds a model's config, weights or recipe (at its top level)."""
-    return folder.is_dir() and not folder.is_symlink() and any(
-        next(folder.glob(pattern), None) is not None for pattern in MODEL_FILES)
+    """Whether `folder` holds a model's config, weights or recipe (at its top level). A path the system cannot look
+    up (a name too long) holds none: `check_output` then refuses it in one line, where this raised a traceback. Any
+    other error (a disk's I/O error, no permission) is not hidden as "holds none"."""
+    try:
+        return folder.is_dir() and not folder.is_symlink() and any(
+            next(folder.glob(pattern), None) is not None for pattern in MODEL_FILES)
+    except OSError as error:
+        if error.errno != errno.ENAMETOOLONG:
+            raise
+        return False
 
 
 def inspect_folder(folder: Path, *, output: str | None = None, overwrite: bool = False, plots: bool = True) -> int:
@@ -485,7 +493,8 @@ def inspect_recipe(path: Path) -> int:
         in_memory = IN_MEMORY_NOTE in text and not recipe.calibration
         if in_memory:
             recipe.calibration = IN_MEMORY_STAND_IN
-        recipe = recipe.validate()  # what the merge would refuse is refused here too (exit 2, as `merge --recipe`)
+        # what the merge would refuse is refused here too (exit 2, as `merge --recipe`)
+        recipe = recipe.validate(calibration_stand_in=in_memory)
         unresolved = unresolved_published_entries(text, recipe)
         skip = frozenset(entry.label for entry in unresolved) | ({"calibration"} if in_memory else set())
         recipe.check_local_inputs(path, skip)

@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import EDQUOT, PushInterrupted, SpecError, UsageError, brief, disk_error, escaped
-from hf_mudsc.load.references import EscapedControls, HiddenCredentials, clean_token, hide_tokens
+from hf_mudsc.load.references import EscapedControls, HiddenCredentials, clean_token, hide_tokens, looks_like_token
 from hf_mudsc.options import closest_names
 
 # Sub-command name -> module in hf_mudsc.cli exposing `add_arguments(parser)` and `run(args) -> int`.
@@ -263,6 +263,41 @@ def disk_failure(error: BaseException, command: str | None) -> str | None:
             fix = f"free space{' on its disk' if where else ''}{quota}{f', or choose another {flag}' if flag else ''}"
     claim = "; nothing was left half-written" if command in STAGED_WRITES else ""
     return f"hf-mudsc {command}: error: {line}{claim}; {fix}"
+
+
+# How much of a path too long for the system `name_too_long` shows, at each end.
+LONG_PATH_SHOWN = 40
+# The longest name (one path component) and path, in bytes, Linux and macOS file systems take (NAME_MAX, PATH_MAX - 1).
+NAME_MAX_BYTES, PATH_MAX_BYTES = 255, 4095
+
+
+def name_too_long(error: BaseException, command: str | None) -> str | None:
+    """The one line for a path the system refuses as too long (ENAMETOOLONG: a name past 255 bytes, a path past
+    PATH_MAX), else None. Any path a command reads (a parent, --recipe, --base, inspect's or evaluate's DIR, push's
+    folder) raised it from a first look (`is_dir`, `exists`) that only a missing path was expected to answer: a
+    traceback. The path (the error's second one when that is the long one: a rename's target) is shown by its ends,
+    with nothing of a name shaped like a token: shortened first, a token's `hf_` could be cut off and the rest shown."""
+    if not isinstance(error, OSError) or error.errno != errno.ENAMETOOLONG:
+        return None
+    given = [os.fsdecode(name) for name in (error.filename, error.filename2)
+             if isinstance(name, (str, bytes, os.PathLike))]
+    where = max(given, key=lambda name: (has_long_name(name), len(os.fsencode(name))), default="")
+    size = len(os.fsencode(where))
+    shown_path = hide_tokens(os.sep.join("***" if looks_like_token(part) else part for part in where.split(os.sep)))
+    if len(shown_path) > 2 * LONG_PATH_SHOWN + 3:
+        shown_path = f"{shown_path[:LONG_PATH_SHOWN]}...{shown_path[-LONG_PATH_SHOWN:]}"
+    named = f" ({shown_path!r}, {size} bytes)" if where else ""
+    fix = ("pass a shorter path" if not where else
+           f"pass a shorter path (a name of at most {NAME_MAX_BYTES} bytes)" if has_long_name(where) else
+           f"the whole path is too long (at most {PATH_MAX_BYTES} bytes): pass a shorter one (fewer or shorter "
+           "folder names, or relative to a nearer working directory)")
+    return (f"hf-mudsc {command}: error: a path given is too long for this system{named}: no such file or folder can "
+            f"exist; {fix}")
+
+
+def has_long_name(path: str) -> bool:
+    """Whether a name of `path` (a component) is longer than a file system takes (`NAME_MAX_BYTES`)."""
+    return any(len(os.fsencode(part)) > NAME_MAX_BYTES for part in path.split(os.sep))
 
 
 # The argparse actions that hold one value (store, --x/--no-x): given a second time, argparse keeps the last
@@ -555,7 +590,7 @@ def run_parsed(args: argparse.Namespace) -> int:
               "smaller --batch-size", file=sys.stderr)
         return 1
     except Exception as error:
-        line = disk_failure(error, args.command)
+        line = disk_failure(error, args.command) or name_too_long(error, args.command)
         if line is None:
             raise
         logging.getLogger("hf_mudsc").debug("command failed", exc_info=True)

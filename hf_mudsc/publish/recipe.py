@@ -183,6 +183,11 @@ class Recipe(MergeOptions):
             logger.info("%s: ignoring `%s: %s` (only the command line sets it)", source, key, data[key])
         values = {k: cls.coerce(k, v, source) for k, v in data.items()
                   if k not in INFO_KEYS and k not in cls.command_line_only()}
+        for key in EMPTY_RECORDED_KEYS:  # refused as the file's, not as a flag's (`leave --image-column out`)
+            if isinstance(value := values.get(key), str) and not value.strip():
+                raise RecipeError(f"{source} sets `{key}` to an empty name ({shown(value)}, as a merge given an "
+                                  f"empty column flag recorded it); delete `{key}` from it to read the default "
+                                  "column, or name the column")
         recipe = cls(**values)
         recipe.auto_chosen = checked_auto_chosen(data.get(AUTO_CHOSEN_KEY), source)
         recipe.file_keys = frozenset(values)
@@ -237,7 +242,7 @@ class Recipe(MergeOptions):
         unknown = sorted(set(changes) - set(self.keys()))
         if unknown:
             raise RecipeError(f"unknown recipe key(s) {unknown}")
-        coerced = {k: self.coerce(k, v, "command line") for k, v in changes.items()}
+        coerced = {k: self.coerce(k, v, COMMAND_LINE) for k, v in changes.items()}
         return dataclasses.replace(self, **coerced)
 
     def shown(self) -> tuple[Recipe, list[LocalReference]]:
@@ -263,8 +268,10 @@ class Recipe(MergeOptions):
             raise RecipeError(f"{source}: {error}{quote}") from None
 
     # ------------------------------------------------------------------ checks
-    def validate(self) -> Recipe:
-        """Refuse a recipe that cannot run, before anything is downloaded or computed (normalises options)."""
+    def validate(self, *, calibration_stand_in: bool = False) -> Recipe:
+        """Refuse a recipe that cannot run, before anything is downloaded or computed (normalises options).
+        `calibration_stand_in`: `calibration` is a placeholder for data the run must give (`inspect RECIPE` of a merge
+        given its data in memory), so it is not parsed as a spec: a folder of its name here made it "ambiguous"."""
         from hf_mudsc.methods.auto import is_auto
         from hf_mudsc.methods.registry import check_size, data_free_methods, get_method
 
@@ -284,7 +291,7 @@ class Recipe(MergeOptions):
         except OptionError as error:
             raise RecipeError(str(error)) from None
         self.refuse_objects()
-        self.check_references()
+        self.check_references(parse_calibration=not calibration_stand_in)
         if self.refit in REFITTING and not self.calibration:
             raise CalibrationMissing(f"refit {self.refit!r} needs calibration data: pass --calibration (a dataset spec "
                                      "`repo_or_path[@revision][:config]:split` or a saved dataset folder), or --refit "
@@ -349,10 +356,14 @@ class Recipe(MergeOptions):
                 "--recipe FILE`; --base PATH for the base), or save the objects with save_pretrained and write "
                 "their folders into the file")
 
-    def check_references(self) -> None:
+    def check_references(self, *, parse_calibration: bool = True) -> None:
         """Refuse a parent or base reference the loader would refuse before reading anything (an access token in
         place of a name, `org/name@` ...: `load.references.parse_reference`, reused), and calibration data named by
-        a token: at once, by `merge --recipe` and `inspect RECIPE` alike, without the token in any message."""
+        a token or by a spec the data loader refuses (empty, too many `:` parts, an empty part or revision:
+        `calibrate.dataset_spec.DatasetSpec.parse`, reused; it was refused only once the parents' configs were read,
+        from the Hub too): at once, by `merge --recipe` and `inspect RECIPE` alike, without the token in any message.
+        `parse_calibration=False`: `calibration` is a stand-in (`validate`), checked for a token only."""
+        from hf_mudsc.calibrate.dataset_spec import DatasetSpec
         from hf_mudsc.errors import LoadError
         from hf_mudsc.load.references import parse_reference
 
@@ -363,6 +374,8 @@ class Recipe(MergeOptions):
                 raise RecipeError(f"{label}: {error}") from None
         if self.calibration and looks_like_token(self.calibration):
             raise RecipeError(f"calibration looks like a Hugging Face access token (not shown); {TOKEN_FIX}")
+        if self.calibration is not None and parse_calibration:
+            DatasetSpec.parse(self.calibration, error=RecipeError)
 
     def missing_local_inputs(self, skip: frozenset[str] = frozenset()) -> list[str]:
         """What a run of this recipe would not find on this machine, one line each: parent and base folders (a
@@ -759,10 +772,20 @@ def yaml_value(value: Any) -> str:
     return text.removesuffix("\n").removesuffix("\n...").strip()
 
 
+# The column keys a merge given an empty flag (`--image-column ""`) recorded as '' before that was refused: such a
+# recipe is refused naming its file and the key to delete (as an unknown key is), not the flag never passed.
+EMPTY_RECORDED_KEYS = ("image_column", "text_column")
+
+
+# How `Recipe.override` names the command line's flags as a source (no YAML there: no advice to quote).
+COMMAND_LINE = "command line"
+
+
 def _expect_str(key: str, value: Any, source: str) -> str:
     if not isinstance(value, str) or not value:
-        raise RecipeError(f"{source}: every entry of `{key}` must be a non-empty string, got {shown(value)}; quote "
-                          "a name YAML reads as something else (`'yes'`, `'null'`)")
+        fix = ("give every parent as a Hub id or a folder (an unset shell variable gives '')" if source == COMMAND_LINE
+               else "quote a name YAML reads as something else (`'yes'`, `'null'`)")
+        raise RecipeError(f"{source}: every entry of `{key}` must be a non-empty string, got {shown(value)}; {fix}")
     return value
 
 
