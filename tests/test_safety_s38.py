@@ -371,3 +371,27 @@ def test_the_dry_run_counts_no_refit_copy_for_repair_which_copies_nothing():
     shared = hf_mudsc.merge([a, b], batches, method="mudsc", refit="repair", dry_run=True)
     unshared = hf_mudsc.merge([a, twin], batches, method="mudsc", refit="repair", dry_run=True)
     assert shared.estimate.peak_memory_bytes == unshared.estimate.peak_memory_bytes
+
+
+@pytest.mark.parametrize("writer", ["together", "one file"])
+def test_a_writer_into_a_folder_given_through_a_symlink_finishes(tmp_path, writer):
+    """`hf-mudsc inspect LINK` / `evaluate LINK` (LINK a symlink to a merged folder) never returned: the lock compared
+    the link's own inode (lstat) with the folder's it had opened (open follows the link), found them different
+    forever and retried without a pause or a deadline."""
+    out = merged_folder(tmp_path / "out")
+    link = tmp_path / "link"
+    link.symlink_to(out, target_is_directory=True)
+    done = threading.Event()
+
+    def write() -> None:
+        if writer == "together":
+            replace_files_together([(link / "r.json", lambda p: p.write_text("{}"))], owner=link)
+        else:
+            write_file_atomically(link / "README.md", lambda p: p.write_text("# new card\n"), owner=link)
+        done.set()
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    assert done.wait(10), "the write into the folder given through a symlink did not finish"
+    name = "r.json" if writer == "together" else "README.md"
+    assert name in read_marker(out)["files"] and not changed_files(out)

@@ -748,10 +748,11 @@ def staged_output(
             remove_empty_folders(created)
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
-    """(device, inode) of `path` (not followed if a link), None if absent: the same folder under another name."""
+def _identity(path: Path, *, follow: bool = False) -> tuple[int, int] | None:
+    """(device, inode) of `path`, None if absent: the same folder under another name. A link is not followed unless
+    `follow` (what `os.open` reaches: the folder a writer given a link to it locks and writes into)."""
     try:
-        found = os.lstat(path)
+        found = os.stat(path) if follow else os.lstat(path)
     except OSError:
         return None
     return found.st_dev, found.st_ino
@@ -842,7 +843,7 @@ def _put_in_place(writes: list[tuple[Path, Callable[[Path], None]]], *, root: Pa
     replaced get their previous content back (held in memory: these are cards, results and charts)."""
     staged: list[tuple[Path, Path]] = []
     listings: tuple[Path, Path] | None = None
-    began_in = _identity(root) if root is not None and root.is_dir() else None  # the folder these files go into
+    began_in = _identity(root, follow=True) if root is not None and root.is_dir() else None  # where files go
     try:
         for folder in dict.fromkeys([*(path.parent for path, _ in writes), *([root] if root is not None else [])]):
             if folder.is_dir():
@@ -857,7 +858,7 @@ def _put_in_place(writes: list[tuple[Path, Callable[[Path], None]]], *, root: Pa
         # One writer at a time from reading the marker to the last rename: another run's marker read meanwhile
         # would be renamed over this one's, dropping the files this run put in place (`folder_lock`).
         with folder_lock(root) if root is not None and root.is_dir() else nullcontext():
-            if root is not None and began_in is not None and _identity(root) != began_in:
+            if root is not None and began_in is not None and _identity(root, follow=True) != began_in:
                 raise FileExistsError(
                     f"{str(root)!r} was replaced by another hf-mudsc run (merge --overwrite) while this one was "
                     "writing into it: nothing was written into the new folder; run again to write into it"
@@ -899,12 +900,25 @@ def folder_lock(folder: Path) -> Iterator[None]:
             return
         try:
             locked = _flock_until(fcntl, handle, folder, deadline)
-            if locked and _identity(folder) != _handle_identity(handle):
-                continue  # the folder was swapped while this run waited: lock the one there now (finally closes)
+            if locked and _identity(folder, follow=True) != _handle_identity(handle):
+                # the folder was swapped while this run waited: lock the one there now (finally closes), within the
+                # same deadline
+                _refuse_past(deadline, folder)
+                time.sleep(0.05)
+                continue
             yield
             return
         finally:
             os.close(handle)  # releases the lock
+
+
+def _refuse_past(deadline: float, folder: Path) -> None:
+    """Refuse in one line once `deadline` has passed while waiting for `folder`'s writer lock."""
+    if time.monotonic() >= deadline:
+        raise FileExistsError(
+            f"another hf-mudsc run is writing into {str(folder)!r} (this one waited {LOCK_WAIT_SECONDS:g} s for its "
+            "lock): nothing was written into it; run again once that run ends"
+        ) from None
 
 
 def _flock_until(fcntl: Any, handle: int, folder: Path, deadline: float) -> bool:
@@ -915,12 +929,7 @@ def _flock_until(fcntl: Any, handle: int, folder: Path, deadline: float) -> bool
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
         except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise FileExistsError(
-                    f"another hf-mudsc run is writing into {str(folder)!r} (this one waited "
-                    f"{LOCK_WAIT_SECONDS:g} s for its lock): nothing was written into it; run again once that run "
-                    "ends"
-                ) from None
+            _refuse_past(deadline, folder)
             time.sleep(0.05)
         except OSError as error:
             logger.debug("no writer lock on %s (%s)", folder, error)
