@@ -395,3 +395,17 @@ def test_a_writer_into_a_folder_given_through_a_symlink_finishes(tmp_path, write
     assert done.wait(10), "the write into the folder given through a symlink did not finish"
     name = "r.json" if writer == "together" else "README.md"
     assert name in read_marker(out)["files"] and not changed_files(out)
+
+
+def test_two_runs_writing_the_same_files_leave_the_same_marker_without_a_staging_name(tmp_path):
+    """The staging name recorded for the swap (`swaps_out_as`, random) stayed in every finished output's marker: two
+    runs writing the same model left different `.hf_mudsc_output.json` files (test_cli's "writes what it wrote
+    before" failed)."""
+    markers = []
+    for _ in range(3):  # a new output, then two --overwrite swaps
+        with staged_output(tmp_path / "out", overwrite=True) as staging:
+            (staging / "config.json").write_text("{}\n", encoding="utf-8")
+        markers.append((tmp_path / "out" / MARKER_FILENAME).read_bytes())
+        assert folder_module.SWAPS_OUT_AS not in read_marker(tmp_path / "out")
+    assert markers[1] == markers[2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from pathlib import Path, PurePosixPath
@@ -1072,11 +1072,12 @@ def _swap_checked(staging: Path, target: Path, *, overwrite: bool, flag: str, ex
     except OSError:  # e.g. the old folder went meanwhile: the two renames below say what happened
         exchanged = False
     if exchanged:  # one step: the output path never lacks a folder; the old one is now at `staging`'s name
-        _drop_writer(target, placed)
         try:
             os.rename(staging, backup)
         except OSError:  # deleted under the staging name then; a leftover there is an old copy (`clean_leftovers`)
+            _drop_writer(target, placed, keep=(SWAPS_OUT_AS,))  # which the marker's staging name proves
             return staging
+        _drop_writer(target, placed)
         return backup
     os.rename(target, backup)  # no atomic exchange here: two renames, the old folder put back on a failure
     try:
@@ -1133,12 +1134,14 @@ def exchange_paths(first: Path, second: Path) -> bool:
     raise OSError(number, os.strerror(number), os.fspath(second))
 
 
-def _drop_writer(target: Path, placed: tuple[int, int] | None) -> None:
-    """Rewrite the marker of `target`, just renamed in, without this process and host (the output names no writer):
-    the marker as it is now, not as recorded before the rename, so the files another run (`evaluate`) recorded in it
-    meanwhile stay listed. Only while `target` is still the folder `placed` (its identity) and its marker names this
-    process: another run's folder put there meanwhile keeps its own. Not done (a full disk): said, and harmless (only
-    a staging folder's process is ever read: `clean_leftovers`)."""
+def _drop_writer(target: Path, placed: tuple[int, int] | None, *, keep: Collection[str] = ()) -> None:
+    """Rewrite the marker of `target`, just renamed in, without this process and host (the output names no writer)
+    and without its staging name (`SWAPS_OUT_AS`, needed only while the replaced folder may sit under that name; kept
+    if in `keep`), so that two runs writing the same files leave the same marker. The marker as it is now, not as
+    recorded before the rename, so the files another run (`evaluate`) recorded in it meanwhile stay listed. Only while
+    `target` is still the folder `placed` (its identity) and its marker names this process: another run's folder put
+    there meanwhile keeps its own. Not done (a full disk): said, and harmless (only a staging folder's process is
+    ever read: `clean_leftovers`)."""
     try:
         with folder_lock(target):  # another writer's marker rewrite (`_put_in_place`) is not lost to this one
             if placed is None or _identity(target) != placed:
@@ -1146,7 +1149,8 @@ def _drop_writer(target: Path, placed: tuple[int, int] | None) -> None:
             marker = read_marker(target)
             if marker is None or marker.get("pid") != os.getpid() or marker.get("host") != socket.gethostname():
                 return
-            _write_marker(target, {key: value for key, value in marker.items() if key not in ("pid", "host")})
+            dropped = {"pid", "host", SWAPS_OUT_AS} - set(keep)
+            _write_marker(target, {key: value for key, value in marker.items() if key not in dropped})
     except OSError as error:
         logger.warning("%s is in place and complete, but its %s still names this process and host (%s), which "
                        "nothing reads there", target, MARKER_FILENAME, error.strerror or error)
