@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -162,13 +163,11 @@ def test_a_leftover_staging_folder_that_cannot_be_proven_the_writers_is_kept_and
     assert (out / MARKER_FILENAME).is_file()
 
 
-@pytest.mark.parametrize("refit", ["ridge", "gate"])
-def test_the_dry_runs_memory_counts_a_parent_copied_for_the_refit(refit):
-    """merge([A, B], data, refit="ridge", dry_run=True) with B holding A's backbone object (`B.bert = A.bert`): the
-    refit runs a deep copy of B (`refit.replayed_parents`), 4 bytes per parameter more, which the estimate lacked."""
+def shared_backbone_plans(refit: str):
+    """The dry runs of merge([A, B]) with B holding A's backbone object (`B.bert = A.bert`) and of the same merge with
+    an unshared copy of B, and B."""
     import copy
 
-    import torch
     from factories import make_batches, make_model
 
     import hf_mudsc
@@ -181,8 +180,22 @@ def test_the_dry_runs_memory_counts_a_parent_copied_for_the_refit(refit):
     batches = make_batches("bert_cls", num_batches=2, batch_size=8)
     shared = hf_mudsc.merge([a, b], batches, method="mudsc", refit=refit, dry_run=True)
     unshared = hf_mudsc.merge([a, twin], batches, method="mudsc", refit=refit, dry_run=True)
+    return SimpleNamespace(a=a, b=b, twin=twin, batches=batches, shared=shared, unshared=unshared)
+
+
+@pytest.mark.parametrize("refit", ["ridge", "gate"])
+def test_the_dry_runs_memory_counts_a_parent_copied_for_the_refit(refit):
+    """merge([A, B], data, refit="ridge", dry_run=True) with B holding A's backbone object (`B.bert = A.bert`): the
+    refit runs a deep copy of B (`refit.replayed_parents`), 4 bytes per parameter more, which the estimate lacked."""
+    import torch
+
+    import hf_mudsc
+
+    plans = shared_backbone_plans(refit)
+    a, b, twin, batches = plans.a, plans.b, plans.twin, plans.batches
     one_parent = 4 * sum(p.numel() for p in b.parameters())
-    assert shared.estimate.peak_memory_bytes - unshared.estimate.peak_memory_bytes == pytest.approx(one_parent, abs=8)
+    assert plans.shared.estimate.peak_memory_bytes - plans.unshared.estimate.peak_memory_bytes == pytest.approx(
+        one_parent, abs=8)
     none = hf_mudsc.merge([a, b], batches, method="mudsc", refit="none", dry_run=True)
     assert none.estimate.peak_memory_bytes == hf_mudsc.merge([a, twin], batches, method="mudsc", refit="none",
                                                              dry_run=True).estimate.peak_memory_bytes
@@ -356,21 +369,8 @@ def test_a_push_onto_an_existing_branch_says_its_own_files_left_it(hub_cli, loca
 def test_the_dry_run_counts_no_refit_copy_for_repair_which_copies_nothing():
     """merge([A, B], data, refit="repair", dry_run=True), B holding A's backbone object: the estimate counted a copy
     of B that REPAIR never makes (it reads each parent's moments in place)."""
-    import copy
-
-    from factories import make_batches, make_model
-
-    import hf_mudsc
-
-    a, other = make_model("bert_cls", seed=0), make_model("bert_cls", seed=3)
-    b = copy.deepcopy(a)
-    b.classifier = copy.deepcopy(other.classifier)
-    b.bert = a.bert
-    twin = copy.deepcopy(b)
-    batches = make_batches("bert_cls", num_batches=2, batch_size=8)
-    shared = hf_mudsc.merge([a, b], batches, method="mudsc", refit="repair", dry_run=True)
-    unshared = hf_mudsc.merge([a, twin], batches, method="mudsc", refit="repair", dry_run=True)
-    assert shared.estimate.peak_memory_bytes == unshared.estimate.peak_memory_bytes
+    plans = shared_backbone_plans("repair")
+    assert plans.shared.estimate.peak_memory_bytes == plans.unshared.estimate.peak_memory_bytes
 
 
 @pytest.mark.parametrize("writer", ["together", "one file"])
