@@ -869,7 +869,8 @@ def merge(
         said = merge_warnings(
             relation=relation.relation, method=method, widths={g.name: g.width for g in spec.groups}, parents=count,
             processor_differences=image_processor_differences([p.processor for p in parents]),
-            tokenizer_differences=tokenizer_differences([p.processor for p in parents]), repeats=repeats, **found)
+            tokenizer_differences=tokenizer_differences([p.processor for p in parents], parents[0].model),
+            repeats=repeats, **found)
         missing = missing_part_warning([p.processor for p in parents], spec.inputs)
         return [*said, missing] if missing else said
 

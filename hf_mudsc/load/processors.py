@@ -210,15 +210,33 @@ def _without_lowercase(section: Any) -> Any:
     return section
 
 
-def _tokenizer_aspects(tokenizer: Any) -> dict[str, str]:
-    """A tokenizer's settings by the name `tokenizer_differences` gives them, each serialised for comparison."""
+def _tokenizing_class(cls: type) -> type:
+    """The class whose code tokenizes for `cls`: a subclass whose own code is only `__init__` and class settings
+    (DistilBertTokenizer: BertTokenizer without token_type_ids, its default lower-casing) tokenizes as its base does;
+    what its settings change is compared on its own (the model inputs, lower-casing, the backend)."""
+    while True:
+        own_code = [name for name, value in vars(cls).items()
+                    if name != "__init__" and (callable(value) or isinstance(value, (staticmethod, classmethod,
+                                                                                       property)))]
+        base = cls.__mro__[1] if len(cls.__mro__) > 1 else object
+        if own_code or base is object or not hasattr(base, "get_vocab") or base.__module__.startswith(
+                "transformers.tokenization_"):
+            return cls
+        cls = base
+
+
+def _tokenizer_aspects(tokenizer: Any, reads: Collection[str] | None = None) -> dict[str, str]:
+    """A tokenizer's settings by the name `tokenizer_differences` gives them, each serialised for comparison;
+    `reads`: the inputs the model reads (its model inputs are compared among those only), None for all."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     serialised = json.loads(backend.to_str()) if backend is not None else {}
     named_apart = (*_LOCATION_KEYS, *_TOKENIZER_ASPECTS, "do_lower_case", "added_tokens_decoder")
     settings = {k: v for k, v in _runs_alike(tokenizer.init_kwargs).items()
                 if k not in named_apart and not k.endswith("_file")}
+    inputs = list(getattr(tokenizer, "model_input_names", None) or [])
     aspects: dict[str, Any] = {
-        "class": type(tokenizer).__name__,
+        "class": _tokenizing_class(type(tokenizer)).__name__,
+        "model inputs (model_input_names)": [n for n in inputs if reads is None or n in reads],
         "lower-casing": bool(tokenizer.init_kwargs.get("do_lower_case")) or _lowercases(serialised.get("normalizer")),
         "vocabulary": sorted(tokenizer.get_vocab().items()),
         **{name: getattr(tokenizer, key, None) for key, name in _TOKENIZER_ASPECTS.items()},
@@ -228,17 +246,37 @@ def _tokenizer_aspects(tokenizer: Any) -> dict[str, str]:
     return {name: json.dumps(value, sort_keys=True, default=str) for name, value in aspects.items()}
 
 
-def tokenizer_differences(processors: Sequence[Any]) -> list[str]:
+def tokenizer_differences(processors: Sequence[Any], reads: Any = None) -> list[str]:
     """What differs between another parent's tokenizer and parent A's (`lower-casing`, `vocabulary`, `max length
     (model_max_length)`, a setting's name, ...): the merged model ships parent A's, so the other parents' tasks are
-    served with its tokenization — said like differing image processors (`diagnostics.processor_warning`)."""
+    served with its tokenization — said like differing image processors (`diagnostics.processor_warning`).
+    `reads`: the model (or its class) the tokenizers feed: an input its forward never takes (DistilBERT and
+    `token_type_ids`) is no difference; None compares every input."""
+    names = _forward_inputs(reads)
     present = [tokenizer_of(p) for p in processors if p is not None]
-    present = [_tokenizer_aspects(t) for t in present if t is not None]
+    present = [_tokenizer_aspects(t, names) for t in present if t is not None]
     if len(present) < 2:
         return []
     first = present[0]
     return sorted({name for other in present[1:] for name in set(first) | set(other)
                    if first.get(name) != other.get(name)})
+
+
+def _forward_inputs(model: Any) -> frozenset[str] | None:
+    """The inputs `model`'s (a model or its class) forward names; None when unknown (no model, or a forward taking
+    only **kwargs)."""
+    if model is None:
+        return None
+    import inspect
+
+    forward = getattr(model if isinstance(model, type) else type(model), "forward", None)
+    try:
+        parameters = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return None
+    named = frozenset(name for name, p in parameters.items()
+                      if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+    return named or None
 
 
 #: What a model reads (`PermutationSpec.inputs`) -> the processor part that prepares it, and how a message names both.

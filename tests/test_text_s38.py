@@ -1,0 +1,101 @@
+"""The new text architectures' tokenizers end to end (session 38): sentencepiece-style XLM-RoBERTa / CamemBERT
+tokenizers in the load-time vocabulary check, and DistilBERT parents whose folders ship a BERT vs a DistilBERT
+tokenizer of one vocabulary."""
+
+from __future__ import annotations
+
+import logging
+
+import datasets
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    BertTokenizerFast,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    DistilBertTokenizerFast,
+    ElectraForSequenceClassification,
+    XLMRobertaConfig,
+    XLMRobertaForSequenceClassification,
+    XLMRobertaTokenizerFast,
+)
+
+import hf_mudsc
+from hf_mudsc.errors import ParentMismatchError
+from hf_mudsc.load.processors import tokenizer_differences
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
+PIECES = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(40)]
+
+
+def sentencepiece_tokenizer(shift: int = 0) -> XLMRobertaTokenizerFast:
+    """An XLM-R tokenizer built offline from a `tokenizers` Unigram model; `shift` moves the words' ids."""
+    vocab = [(t, 0.0) for t in PIECES] + [(f"\u2581w{(i + shift) % 40}", -1.0 - i / 100) for i in range(40)]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=3))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    return XLMRobertaTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", cls_token="<s>", sep_token="</s>", mask_token="<mask>")
+
+
+def sentences(count: int, seed: int) -> list[str]:
+    generator = torch.Generator().manual_seed(seed)
+    return [" ".join(f"w{int(i)}" for i in torch.randint(0, 40, (int(n),), generator=generator))
+            for n in torch.randint(3, 12, (count,), generator=generator)]
+
+
+def xlmr_folder(folder, seed: int, shift: int = 0):
+    torch.manual_seed(seed)
+    XLMRobertaForSequenceClassification(XLMRobertaConfig(
+        vocab_size=45, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=40, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        num_labels=2)).save_pretrained(folder)
+    sentencepiece_tokenizer(shift).save_pretrained(folder)
+    return str(folder)
+
+
+def distilbert_folder(folder, seed: int, tokenizer_class) -> str:
+    torch.manual_seed(seed)
+    DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=len(WORDS), dim=32, n_layers=1, n_heads=4, hidden_dim=48, max_position_embeddings=32,
+        num_labels=2, id2label={0: f"a{seed}", 1: f"b{seed}"})).save_pretrained(folder)
+    tokenizer_class(vocab={w: i for i, w in enumerate(WORDS)}).save_pretrained(folder)
+    return str(folder)
+
+
+def test_xlm_roberta_parents_sharing_a_sentencepiece_vocabulary_merge_and_different_ones_are_refused(
+        tmp_path):
+    """merge([xlmr A, xlmr B (same Unigram vocab)], text) merges; with B's word ids moved,
+    ParentMismatchError names the vocabularies and a moved piece."""
+    a = xlmr_folder(tmp_path / "a", 0)
+    same = xlmr_folder(tmp_path / "same", 1)
+    merged = hf_mudsc.merge([a, same], datasets.Dataset.from_dict({"text": sentences(16, 3)}), batch_size=8,
+                            progress=False)
+    assert type(merged) is XLMRobertaForSequenceClassification
+    other = xlmr_folder(tmp_path / "other", 1, shift=1)
+    with pytest.raises(ParentMismatchError, match="different tokenizer vocabularies .*'\u2581w0': 5 vs 44"):
+        hf_mudsc.merge([a, other], datasets.Dataset.from_dict({"text": sentences(16, 3)}), progress=False)
+
+
+def test_distilbert_parents_with_a_bert_and_a_distilbert_tokenizer_of_one_vocabulary_are_not_warned_about(
+        tmp_path, caplog):
+    """merge([distilbert + BertTokenizer, distilbert + DistilBertTokenizer], text pairs): no 'tokenizers differ
+    (class)' warning — DistilBertTokenizer is BertTokenizer without token_type_ids, which DistilBERT never reads."""
+    a = distilbert_folder(tmp_path / "a", 0, BertTokenizerFast)
+    b = distilbert_folder(tmp_path / "b", 1, DistilBertTokenizerFast)
+    pairs = datasets.Dataset.from_dict({"premise": sentences(16, 3), "hypothesis": sentences(16, 4)})
+    with caplog.at_level(logging.WARNING):
+        merged = hf_mudsc.merge([a, b], pairs, batch_size=8, progress=False)
+    assert type(merged) is DistilBertForSequenceClassification
+    assert not [r for r in caplog.records if "tokenizers differ" in r.getMessage()], caplog.text
+
+
+def test_a_bert_and_a_distilbert_tokenizer_differ_for_a_model_that_reads_token_type_ids():
+    """tokenizer_differences([BertTokenizer, DistilBertTokenizer], ELECTRA's forward) names the model inputs: text
+    pairs get segment ids from A's tokenizer only, and ELECTRA reads them."""
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    pair = [BertTokenizerFast(vocab=vocab), DistilBertTokenizerFast(vocab=vocab)]
+    assert tokenizer_differences(pair, reads=ElectraForSequenceClassification) == ["model inputs (model_input_names)"]
+    assert tokenizer_differences(pair, reads=DistilBertForSequenceClassification) == []
