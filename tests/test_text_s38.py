@@ -9,13 +9,17 @@ import logging
 import datasets
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
+    AutoModelForSequenceClassification,
     BertTokenizerFast,
     DistilBertConfig,
     DistilBertForSequenceClassification,
     DistilBertTokenizerFast,
+    ElectraConfig,
     ElectraForSequenceClassification,
+    ElectraTokenizerFast,
     XLMRobertaConfig,
     XLMRobertaForSequenceClassification,
     XLMRobertaTokenizerFast,
@@ -50,8 +54,8 @@ def xlmr_folder(folder, seed: int, shift: int = 0):
     torch.manual_seed(seed)
     XLMRobertaForSequenceClassification(XLMRobertaConfig(
         vocab_size=45, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
-        max_position_embeddings=40, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-        num_labels=2)).save_pretrained(folder)
+        max_position_embeddings=40, pad_token_id=1, bos_token_id=0, eos_token_id=2, num_labels=2,
+        id2label={0: f"a{seed}", 1: f"b{seed}"})).save_pretrained(folder)
     sentencepiece_tokenizer(shift).save_pretrained(folder)
     return str(folder)
 
@@ -99,3 +103,44 @@ def test_a_bert_and_a_distilbert_tokenizer_differ_for_a_model_that_reads_token_t
     pair = [BertTokenizerFast(vocab=vocab), DistilBertTokenizerFast(vocab=vocab)]
     assert tokenizer_differences(pair, reads=ElectraForSequenceClassification) == ["model inputs (model_input_names)"]
     assert tokenizer_differences(pair, reads=DistilBertForSequenceClassification) == []
+
+
+
+def electra_folder(folder, seed: int) -> str:
+    torch.manual_seed(seed)
+    ElectraForSequenceClassification(ElectraConfig(
+        vocab_size=len(WORDS), embedding_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=48, max_position_embeddings=32, num_labels=2,
+        id2label={0: f"a{seed}", 1: f"b{seed}"})).save_pretrained(folder)
+    ElectraTokenizerFast(vocab={w: i for i, w in enumerate(WORDS)}).save_pretrained(folder)
+    return str(folder)
+
+
+HUB_PARENTS = {"DistilBertForSequenceClassification": lambda f, s: distilbert_folder(f, s, DistilBertTokenizerFast),
+               "XLMRobertaForSequenceClassification": xlmr_folder,
+               "ElectraForSequenceClassification": electra_folder}
+
+
+@pytest.mark.parametrize("cls", HUB_PARENTS)
+def test_text_parents_from_the_hub_at_a_revision_merge_push_and_inspect(cls, local_hub, hub_cli, tmp_path):
+    """hf-mudsc merge org/a@SHA org/b --push-to-hub org/m, then inspect OUT, for DistilBERT / XLM-R / ELECTRA: the
+    pushed card names the Hub parents as base models, the class, text-classification; the pushed model loads."""
+    for name, seed in (("a", 0), ("b", 1)):
+        local_hub.upload_folder(f"org/{name}", HUB_PARENTS[cls](tmp_path / name, seed), f"parent {name}")
+    pinned = local_hub.head("org/a")
+    data = tmp_path / "calibration"
+    datasets.Dataset.from_dict({"text": sentences(24, 3)}).save_to_disk(data)
+    out = tmp_path / "merged"
+    run = hub_cli("merge", f"org/a@{pinned}", "org/b", "--calibration", str(data), "--output", str(out),
+                  "--batch-size", "8", "--push-to-hub", "org/m")
+    assert run.returncode == 0, run.stderr[-3000:]
+    card = ModelCard(local_hub.file_bytes("org/m", "README.md").decode())
+    assert card.data.base_model == ["org/a", "org/b"] and card.data.pipeline_tag == "text-classification"
+    assert f"two fine-tuned `{cls}` models" in " ".join(card.content.split())
+    assert f"org/a@{pinned}" in card.content
+    shown = hub_cli("inspect", str(out))
+    assert shown.returncode == 0 and "org/a @ " in shown.stdout, shown.stderr[-3000:]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_TOKEN", local_hub.token)
+        pulled = AutoModelForSequenceClassification.from_pretrained("org/m")
+    assert type(pulled).__name__ == cls and pulled.config.num_labels == 4
