@@ -9,12 +9,14 @@ import logging
 import datasets
 import pytest
 import torch
+from factories import fine_tune, randomize
 from huggingface_hub import ModelCard
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForSequenceClassification,
     BertTokenizerFast,
     DistilBertConfig,
+    DistilBertForMaskedLM,
     DistilBertForSequenceClassification,
     DistilBertTokenizerFast,
     ElectraConfig,
@@ -26,6 +28,7 @@ from transformers import (
 )
 
 import hf_mudsc
+from hf_mudsc.cli.main import main
 from hf_mudsc.errors import ParentMismatchError
 from hf_mudsc.load.processors import tokenizer_differences
 
@@ -144,3 +147,67 @@ def test_text_parents_from_the_hub_at_a_revision_merge_push_and_inspect(cls, loc
         patch.setenv("HF_TOKEN", local_hub.token)
         pulled = AutoModelForSequenceClassification.from_pretrained("org/m")
     assert type(pulled).__name__ == cls and pulled.config.num_labels == 4
+
+
+def test_the_dry_run_refuses_xlm_roberta_parents_of_different_sentencepiece_vocabularies(tmp_path, capsys):
+    """hf-mudsc merge A B --dry-run (XLM-R, B's pieces at other ids): exit 1 in one line naming the vocabularies."""
+    a, b = xlmr_folder(tmp_path / "a", 0), xlmr_folder(tmp_path / "b", 1, shift=1)
+    assert main(["merge", a, b, "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert "different tokenizer vocabularies" in err and "Traceback" not in err
+
+
+def test_a_service_dry_run_of_distilbert_parents_plans_their_groups(tmp_path):
+    """POST /api/jobs {models: [distilbert A, distilbert B], dry_run: true} under --local-root: the plan names the
+    class and DistilBERT's groups (its MLP, the pre_classifier head group)."""
+    from fastapi.testclient import TestClient
+    from serve_service import drain_job
+
+    from hf_mudsc.serve.app import create_app
+
+    a = distilbert_folder(tmp_path / "a", 0, DistilBertTokenizerFast)
+    b = distilbert_folder(tmp_path / "b", 1, DistilBertTokenizerFast)
+    app = create_app(tmp_path / "state", local_roots=[tmp_path], output_root=tmp_path / "out")
+    answer = TestClient(app, base_url="http://127.0.0.1").post("/api/jobs", json={"models": [a, b], "dry_run": True})
+    assert answer.status_code < 300, answer.text
+    job = drain_job(app, answer.json()["id"], timeout=100)
+    assert job["status"] == "succeeded", job["error"]
+    plan = job["result"]["plan"]
+    assert [p["architecture"] for p in plan["parents"]] == ["DistilBertForSequenceClassification"] * 2
+    assert {g["name"] for g in plan["groups"]} >= {"distilbert.transformer.layer.0.mlp", "pre_classifier"}
+
+
+def same_base_distilbert(root) -> tuple[str, list[str]]:
+    """A DistilBertForMaskedLM base folder (the usual Hub base) and two classifier fine-tunes of it."""
+    config = dict(vocab_size=len(WORDS), dim=32, n_layers=2, n_heads=4, hidden_dim=48, max_position_embeddings=32)
+    torch.manual_seed(0)
+    base = randomize(DistilBertForMaskedLM(DistilBertConfig(**config)), 0)
+    tokenizer = DistilBertTokenizerFast(vocab={w: i for i, w in enumerate(WORDS)})
+    base.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    parents = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = DistilBertForSequenceClassification(DistilBertConfig(**config, num_labels=2,
+                                                                     id2label={0: f"a{seed}", 1: f"b{seed}"}))
+        model.distilbert.load_state_dict(base.distilbert.state_dict())
+        fine_tune(model, seed, 0.02, relative=True).save_pretrained(root / f"ft{seed}")
+        tokenizer.save_pretrained(root / f"ft{seed}")
+        parents.append(str(root / f"ft{seed}"))
+    return str(root / "base"), parents
+
+
+def test_fine_tunes_of_one_distilbert_base_merge_by_auto_regmean_and_task_vectors_from_a_masked_lm_base(tmp_path):
+    """merge(fine-tunes of one DistilBertForMaskedLM base folder): auto with data picks a same-base method, auto
+    with base= and no data reads task vectors from it (ties), and regmean / task_arithmetic / ties each give a
+    DistilBertForSequenceClassification of 4 labels."""
+    base, parents = same_base_distilbert(tmp_path)
+    data = datasets.Dataset.from_dict({"text": sentences(32, 3)})
+    record = hf_mudsc.merge(parents, data, batch_size=8, progress=False).config.mudsc
+    assert record["method"] == "regmean", record["method_choice_reason"]
+    record = hf_mudsc.merge(parents, base=base, progress=False).config.mudsc
+    assert record["method"] == "ties", record["method_choice_reason"]
+    for options in (dict(method="regmean"), dict(method="task_arithmetic", base=base),
+                    dict(method="ties", base=base)):
+        merged = hf_mudsc.merge(parents, data, batch_size=8, progress=False, **options)
+        assert type(merged) is DistilBertForSequenceClassification and merged.config.num_labels == 4, options
