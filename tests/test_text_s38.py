@@ -211,3 +211,19 @@ def test_fine_tunes_of_one_distilbert_base_merge_by_auto_regmean_and_task_vector
                     dict(method="ties", base=base)):
         merged = hf_mudsc.merge(parents, data, batch_size=8, progress=False, **options)
         assert type(merged) is DistilBertForSequenceClassification and merged.config.num_labels == 4, options
+
+
+def test_hub_xlm_roberta_parents_of_different_vocabularies_are_refused_before_their_weights_download(local_hub,
+                                                                                                     hub_cli, tmp_path):
+    """hf-mudsc merge org/a org/b (XLM-R on the Hub, B's pieces at other ids): refused naming the vocabularies, and
+    no GET of either parent's model.safetensors (a header range read at most)."""
+    local_hub.upload_folder("org/a", xlmr_folder(tmp_path / "a", 0), "parent a")
+    local_hub.upload_folder("org/b", xlmr_folder(tmp_path / "b", 1, shift=1), "parent b")
+    data = tmp_path / "calibration"
+    datasets.Dataset.from_dict({"text": sentences(16, 3)}).save_to_disk(data)
+    run = hub_cli("merge", "org/a", "org/b", "--calibration", str(data), "--output", str(tmp_path / "merged"))
+    assert run.returncode == 1 and "different tokenizer vocabularies" in run.stderr, run.stderr[-3000:]
+    weights = [r for r in local_hub.requests_for("resolve") if r.path.endswith("model.safetensors")
+               and r.method == "GET" and "range" not in {k.lower() for k in r.headers}]
+    assert not weights, [(r.path, r.headers) for r in weights]
+    assert [r for r in local_hub.requests_for("resolve") if r.path.endswith("tokenizer.json")]  # the check's reads
