@@ -106,6 +106,8 @@ def test_a_bert_and_a_distilbert_tokenizer_differ_for_a_model_that_reads_token_t
     pair = [BertTokenizerFast(vocab=vocab), DistilBertTokenizerFast(vocab=vocab)]
     assert tokenizer_differences(pair, reads=ElectraForSequenceClassification) == ["model inputs (model_input_names)"]
     assert tokenizer_differences(pair, reads=DistilBertForSequenceClassification) == []
+    named = DistilBertTokenizerFast(vocab=vocab, model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+    assert tokenizer_differences([pair[1], named], reads=DistilBertForSequenceClassification) == []
 
 
 

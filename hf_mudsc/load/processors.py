@@ -230,7 +230,7 @@ def _tokenizer_aspects(tokenizer: Any, reads: Collection[str] | None = None) -> 
     `reads`: the inputs the model reads (its model inputs are compared among those only), None for all."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     serialised = json.loads(backend.to_str()) if backend is not None else {}
-    named_apart = (*_LOCATION_KEYS, *_TOKENIZER_ASPECTS, "do_lower_case", "added_tokens_decoder")
+    named_apart = (*_LOCATION_KEYS, *_TOKENIZER_ASPECTS, "do_lower_case", "added_tokens_decoder", "model_input_names")
     settings = {k: v for k, v in _runs_alike(tokenizer.init_kwargs).items()
                 if k not in named_apart and not k.endswith("_file")}
     inputs = list(getattr(tokenizer, "model_input_names", None) or [])
