@@ -5,6 +5,7 @@ tokenizer of one vocabulary."""
 from __future__ import annotations
 
 import logging
+import re
 
 import datasets
 import pytest
@@ -129,7 +130,8 @@ HUB_PARENTS = {"DistilBertForSequenceClassification": lambda f, s: distilbert_fo
 @pytest.mark.parametrize("cls", HUB_PARENTS)
 def test_text_parents_from_the_hub_at_a_revision_merge_push_and_inspect(cls, local_hub, hub_cli, tmp_path):
     """hf-mudsc merge org/a@SHA org/b --push-to-hub org/m, then inspect OUT, for DistilBERT / XLM-R / ELECTRA: the
-    pushed card names the Hub parents as base models, the class, text-classification; the pushed model loads."""
+    pushed card names the Hub parents as base models, the class, text-classification; the pushed model loads and
+    the card's Usage snippets run on it."""
     for name, seed in (("a", 0), ("b", 1)):
         local_hub.upload_folder(f"org/{name}", HUB_PARENTS[cls](tmp_path / name, seed), f"parent {name}")
     pinned = local_hub.head("org/a")
@@ -148,7 +150,12 @@ def test_text_parents_from_the_hub_at_a_revision_merge_push_and_inspect(cls, loc
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_TOKEN", local_hub.token)
         pulled = AutoModelForSequenceClassification.from_pretrained("org/m")
+        usage = re.search(r"^## Usage\n(.*?)(?=^## )", card.content, re.S | re.M).group(1)
+        namespace: dict = {"texts": sentences(3, 5)}
+        for block in re.findall(r"```python\n(.*?)```", usage, re.S):  # the card's snippets as a Hub user runs them
+            exec(block, namespace)  # noqa: S102 - the card's own snippet
     assert type(pulled).__name__ == cls and pulled.config.num_labels == 4
+    assert len(namespace["labels"]) == 3 and set(namespace["labels"]) <= set(pulled.config.id2label.values())
 
 
 def test_the_dry_run_refuses_xlm_roberta_parents_of_different_sentencepiece_vocabularies(tmp_path, capsys):
