@@ -236,3 +236,20 @@ def test_hub_xlm_roberta_parents_of_different_vocabularies_are_refused_before_th
                and r.method == "GET" and "range" not in {k.lower() for k in r.headers}]
     assert not weights, [(r.path, r.headers) for r in weights]
     assert [r for r in local_hub.requests_for("resolve") if r.path.endswith("tokenizer.json")]  # the check's reads
+
+
+def test_a_sentencepiece_only_tokenizer_without_the_library_is_named_not_called_missing(tmp_path, monkeypatch):
+    """XLM-R folders saved by transformers 3 (sentencepiece.bpe.model, no tokenizer.json), `sentencepiece` not
+    installed: merge said 'the parents ship no tokenizer' (after loading the weights); now one LoadError first."""
+    import sys
+
+    from hf_mudsc.errors import LoadError
+
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # not installed
+    folders = [xlmr_folder(tmp_path / "a", 0), xlmr_folder(tmp_path / "b", 1)]
+    for folder in folders:
+        (tmp_path / folder / "tokenizer.json").unlink()
+        (tmp_path / folder / "sentencepiece.bpe.model").write_bytes(b"\x0a\x05hello")
+    with pytest.raises(LoadError, match=r"sentencepiece\.bpe\.model.*pip install sentencepiece") as refused:
+        hf_mudsc.merge(folders, datasets.Dataset.from_dict({"text": sentences(16, 3)}), progress=False)
+    assert "\n" not in str(refused.value) and "a'" in str(refused.value)

@@ -73,7 +73,32 @@ def load_processor(folder: str | os.PathLike, reference: str | None = None) -> A
                          type(found).__name__, folder)
             continue
         return found
+    if has_tokenizer:
+        refuse_unreadable_sentencepiece(reference or str(folder), has)
     return None
+
+
+#: Tokenizer files that are sentencepiece models: transformers reads them only with the `sentencepiece` library
+#: (converting them to a `tokenizers` backend) when the folder has no `tokenizer.json`.
+SENTENCEPIECE_FILES = ("spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
+
+
+def refuse_unreadable_sentencepiece(reference: str, files: Collection[str]) -> None:
+    """Refuse a folder whose only tokenizer files are sentencepiece models (XLM-RoBERTa, CamemBERT, T5 fine-tunes
+    saved before `tokenizer.json`) when their tokenizer could not be read and `sentencepiece` is not installed: it
+    was taken for a folder shipping no tokenizer, so the vocabularies went uncompared and raw text was refused
+    after the weights loaded with advice to save a tokenizer the folder already has."""
+    models = [name for name in SENTENCEPIECE_FILES if name in files]
+    if not models or set(files) & {"tokenizer.json", "vocab.txt", "vocab.json"}:
+        return
+    try:
+        import sentencepiece  # noqa: F401 - only whether it is installed
+    except ImportError:
+        raise LoadError(
+            f"{reference!r} ships its tokenizer as {models[0]} (a sentencepiece model, no tokenizer.json), which "
+            "transformers reads only with the sentencepiece library: install it (pip install sentencepiece "
+            "protobuf), or save the tokenizer once as tokenizer.json where it is installed "
+            "(AutoTokenizer.from_pretrained(folder).save_pretrained(folder))") from None
 
 
 # The longest file name most file systems take, in bytes (a chat template is saved as `NAME.jinja`).
