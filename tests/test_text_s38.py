@@ -253,3 +253,21 @@ def test_a_sentencepiece_only_tokenizer_without_the_library_is_named_not_called_
     with pytest.raises(LoadError, match=r"sentencepiece\.bpe\.model.*pip install sentencepiece") as refused:
         hf_mudsc.merge(folders, datasets.Dataset.from_dict({"text": sentences(16, 3)}), progress=False)
     assert "\n" not in str(refused.value) and "a'" in str(refused.value)
+
+
+def test_hub_distilbert_fine_tunes_merged_by_ties_from_a_hub_masked_lm_base_name_it_on_the_card(local_hub, hub_cli,
+                                                                                                 tmp_path):
+    """hf-mudsc merge org/ft1 org/ft2 --method ties --base org/base@SHA (a DistilBertForMaskedLM): merged, the card's
+    base_model lists the parents and the base, and the recipe pins the base."""
+    base, parents = same_base_distilbert(tmp_path)
+    local_hub.upload_folder("org/base", base, "base")
+    for index, folder in enumerate(parents):
+        local_hub.upload_folder(f"org/ft{index + 1}", folder, "fine-tune")
+    pinned = local_hub.head("org/base")
+    out = tmp_path / "merged"
+    run = hub_cli("merge", "org/ft1", "org/ft2", "--method", "ties", "--base", f"org/base@{pinned}", "--output",
+                  str(out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    card = ModelCard((out / "README.md").read_text())
+    assert "org/base" in card.data.base_model and {"org/ft1", "org/ft2"} <= set(card.data.base_model), card.data
+    assert f"org/base@{pinned}" in (out / "mudsc_recipe.yaml").read_text()
