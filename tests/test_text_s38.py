@@ -271,3 +271,26 @@ def test_hub_distilbert_fine_tunes_merged_by_ties_from_a_hub_masked_lm_base_name
     card = ModelCard((out / "README.md").read_text())
     assert "org/base" in card.data.base_model and {"org/ft1", "org/ft2"} <= set(card.data.base_model), card.data
     assert f"org/base@{pinned}" in (out / "mudsc_recipe.yaml").read_text()
+
+
+@pytest.mark.parametrize("kind", ["xlm-roberta", "distilbert"])
+def test_text_pairs_calibrate_and_evaluate_with_each_new_types_tokenizer(kind, tmp_path):
+    """merge + evaluate_merge of XLM-R / DistilBERT (BertTokenizer A, DistilBertTokenizer B) folders on premise,
+    hypothesis pairs longer than the position table: both run, every scorer gets a figure for both tasks."""
+    from hf_mudsc.evaluate.harness import evaluate_merge
+
+    if kind == "xlm-roberta":
+        parents = [xlmr_folder(tmp_path / "a", 0), xlmr_folder(tmp_path / "b", 1)]
+    else:
+        parents = [distilbert_folder(tmp_path / "a", 0, BertTokenizerFast),
+                   distilbert_folder(tmp_path / "b", 1, DistilBertTokenizerFast)]
+    long = [f"{text} " * 6 for text in sentences(24, 4)]  # past max_position_embeddings: truncated
+    pairs = datasets.Dataset.from_dict({"premise": sentences(24, 3), "hypothesis": long,
+                                        "label": [i % 2 for i in range(24)]})
+    merged = hf_mudsc.merge(parents, pairs.remove_columns("label"), batch_size=8, progress=False)
+    merged.save_pretrained(tmp_path / "merged")
+    result = evaluate_merge(str(tmp_path / "merged"), parents, [pairs, pairs], text_column="premise,hypothesis",
+                            batch_size=8, progress=False)
+    tasks = list(result.tasks)
+    assert len(tasks) == 2 and all(result.scores["merged"][task]["accuracy"] is not None for task in tasks)
+    assert all(result.tasks[task]["num_samples"] == 24 for task in tasks)
