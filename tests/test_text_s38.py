@@ -240,17 +240,17 @@ def test_hub_xlm_roberta_parents_of_different_vocabularies_are_refused_before_th
 
 def test_a_sentencepiece_only_tokenizer_without_the_library_is_named_not_called_missing(tmp_path, monkeypatch):
     """XLM-R folders saved by transformers 3 (sentencepiece.bpe.model, no tokenizer.json), `sentencepiece` not
-    installed: merge said 'the parents ship no tokenizer' (after loading the weights); now one LoadError first."""
+    installed: merge said 'the parents ship no tokenizer' (after loading the weights); now one line naming the file."""
     import sys
 
-    from hf_mudsc.errors import LoadError
+    from hf_mudsc.errors import CalibrationError
 
     monkeypatch.setitem(sys.modules, "sentencepiece", None)  # not installed
     folders = [xlmr_folder(tmp_path / "a", 0), xlmr_folder(tmp_path / "b", 1)]
     for folder in folders:
         (tmp_path / folder / "tokenizer.json").unlink()
         (tmp_path / folder / "sentencepiece.bpe.model").write_bytes(b"\x0a\x05hello")
-    with pytest.raises(LoadError, match=r"sentencepiece\.bpe\.model.*pip install sentencepiece") as refused:
+    with pytest.raises(CalibrationError, match=r"sentencepiece\.bpe\.model.*pip install sentencepiece") as refused:
         hf_mudsc.merge(folders, datasets.Dataset.from_dict({"text": sentences(16, 3)}), progress=False)
     assert "\n" not in str(refused.value) and "a'" in str(refused.value)
 
@@ -294,3 +294,58 @@ def test_text_pairs_calibrate_and_evaluate_with_each_new_types_tokenizer(kind, t
     tasks = list(result.tasks)
     assert len(tasks) == 2 and all(result.scores["merged"][task]["accuracy"] is not None for task in tasks)
     assert all(result.tasks[task]["num_samples"] == 24 for task in tasks)
+
+
+def sentencepiece_only(folder) -> str:
+    """`folder`'s tokenizer as transformers 3 saved XLM-R's: sentencepiece.bpe.model, no tokenizer.json."""
+    (folder / "tokenizer.json").unlink()
+    (folder / "sentencepiece.bpe.model").write_bytes(b"\x0a\x05hello")
+    return str(folder)
+
+
+def test_sentencepiece_only_folders_merge_when_their_tokenizer_is_not_needed(tmp_path, monkeypatch):
+    """sentencepiece missing, XLM-R folders with only sentencepiece.bpe.model: merge(processor=...), linear without
+    data, a sentencepiece-only base and processor_from_name were all refused; they merge (None: no processor)."""
+    import sys
+
+    from hf_mudsc.load.processors import processor_from_name
+
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # not installed
+    folders = [sentencepiece_only(tmp_path / xlmr_folder(tmp_path / name, seed)) for seed, name in enumerate("ab")]
+    assert processor_from_name(folders[0]) is None
+    data = datasets.Dataset.from_dict({"text": sentences(16, 3)})
+    assert hf_mudsc.merge(folders, data, processor=sentencepiece_tokenizer(), progress=False) is not None
+    assert hf_mudsc.merge(folders, method="linear", progress=False) is not None
+    base = sentencepiece_only(tmp_path / xlmr_folder(tmp_path / "base", 7))
+    parents = [xlmr_folder(tmp_path / name, seed) for seed, name in ((3, "c"), (4, "d"))]
+    assert hf_mudsc.merge(parents, method="task_arithmetic", base=base, progress=False) is not None
+
+
+def test_raw_text_for_a_sentencepiece_only_parent_is_refused_before_any_weights(tmp_path, monkeypatch):
+    """sentencepiece missing, raw text, no processor=: refused in one line naming the file, before weights."""
+    import sys
+
+    from hf_mudsc.errors import CalibrationError
+
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # not installed
+    monkeypatch.setattr("hf_mudsc.load.parents._prepare", lambda *a, **k: pytest.fail("weights read"))
+    folders = [sentencepiece_only(tmp_path / xlmr_folder(tmp_path / name, seed)) for seed, name in enumerate("ab")]
+    with pytest.raises(CalibrationError, match=r"sentencepiece\.bpe\.model.*pip install sentencepiece") as refused:
+        hf_mudsc.merge(folders, datasets.Dataset.from_dict({"text": sentences(16, 3)}), progress=False)
+    assert "\n" not in str(refused.value) and "protobuf" not in str(refused.value)
+
+
+class SplittingTokenizer(BertTokenizerFast):
+    """A user's subclass whose `__init__` changes how it tokenizes (special tokens split as text)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.split_special_tokens = True
+
+
+def test_a_user_tokenizer_subclass_changing_tokenization_in_init_is_told_apart():
+    """BertTokenizerFast vs a subclass setting split_special_tokens in __init__ (one vocab): said alike, unwarned."""
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    plain, splitting = BertTokenizerFast(vocab=vocab), SplittingTokenizer(vocab=vocab)
+    assert plain("[CLS] w1")["input_ids"] != splitting("[CLS] w1")["input_ids"]
+    assert tokenizer_differences([plain, splitting])

@@ -73,8 +73,6 @@ def load_processor(folder: str | os.PathLike, reference: str | None = None) -> A
                          type(found).__name__, folder)
             continue
         return found
-    if has_tokenizer:
-        refuse_unreadable_sentencepiece(reference or str(folder), has)
     return None
 
 
@@ -83,22 +81,27 @@ def load_processor(folder: str | os.PathLike, reference: str | None = None) -> A
 SENTENCEPIECE_FILES = ("spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
 
 
-def refuse_unreadable_sentencepiece(reference: str, files: Collection[str]) -> None:
-    """Refuse a folder whose only tokenizer files are sentencepiece models (XLM-RoBERTa, CamemBERT, T5 fine-tunes
-    saved before `tokenizer.json`) when their tokenizer could not be read and `sentencepiece` is not installed: it
-    was taken for a folder shipping no tokenizer, so the vocabularies went uncompared and raw text was refused
-    after the weights loaded with advice to save a tokenizer the folder already has."""
+def unreadable_tokenizer(folder: str | os.PathLike, reference: str | None = None) -> str | None:
+    """Why the folder's tokenizer cannot be read, or None: its only tokenizer files are sentencepiece models
+    (XLM-RoBERTa, CamemBERT, T5 fine-tunes saved before `tokenizer.json`) and `sentencepiece` is not installed.
+    `load_processor` then gives None, as for a folder shipping no tokenizer; the reason is said only where raw text
+    must be tokenized with no `processor=` given (`pipeline.check_calibration_before_weights`, before any weights):
+    a merge that needs no tokenizer (no data, a given processor, a base's) is not refused for it."""
+    try:
+        files = set(os.listdir(folder))
+    except OSError:
+        return None
     models = [name for name in SENTENCEPIECE_FILES if name in files]
-    if not models or set(files) & {"tokenizer.json", "vocab.txt", "vocab.json"}:
-        return
+    if not models or files & {"tokenizer.json", "vocab.txt", "vocab.json"}:
+        return None
     try:
         import sentencepiece  # noqa: F401 - only whether it is installed
     except ImportError:
-        raise LoadError(
-            f"{reference!r} ships its tokenizer as {models[0]} (a sentencepiece model, no tokenizer.json), which "
-            "transformers reads only with the sentencepiece library: install it (pip install sentencepiece "
-            "protobuf), or save the tokenizer once as tokenizer.json where it is installed "
-            "(AutoTokenizer.from_pretrained(folder).save_pretrained(folder))") from None
+        return (f"{reference or str(folder)!r} ships its tokenizer as {models[0]} (a sentencepiece model, no "
+                "tokenizer.json), which transformers reads only with the sentencepiece library: install it (pip "
+                "install sentencepiece), pass processor=, or save the tokenizer once as tokenizer.json where it is "
+                "installed (AutoTokenizer.from_pretrained(folder).save_pretrained(folder))")
+    return None
 
 
 # The longest file name most file systems take, in bytes (a chat template is saved as `NAME.jinja`).
@@ -236,10 +239,12 @@ def _without_lowercase(section: Any) -> Any:
 
 
 def _tokenizing_class(cls: type) -> type:
-    """The class whose code tokenizes for `cls`: a subclass whose own code is only `__init__` and class settings
-    (DistilBertTokenizer: BertTokenizer without token_type_ids, its default lower-casing) tokenizes as its base does;
-    what its settings change is compared on its own (the model inputs, lower-casing, the backend)."""
-    while True:
+    """The class whose code tokenizes for `cls`: a transformers subclass whose own code is only `__init__` and class
+    settings (DistilBertTokenizer: BertTokenizer without token_type_ids, its default lower-casing) tokenizes as its
+    base does; what its settings change is compared on its own (the model inputs, lower-casing, the backend). Only
+    classes of `transformers.models` are read so: a user's subclass may tokenize otherwise from its `__init__`
+    (setting `split_special_tokens`), and stays itself."""
+    while cls.__module__.startswith("transformers.models."):
         own_code = [name for name, value in vars(cls).items()
                     if name != "__init__" and (callable(value) or isinstance(value, (staticmethod, classmethod,
                                                                                        property)))]
@@ -248,6 +253,7 @@ def _tokenizing_class(cls: type) -> type:
                 "transformers.tokenization_"):
             return cls
         cls = base
+    return cls
 
 
 def _tokenizer_aspects(tokenizer: Any, reads: Collection[str] | None = None) -> dict[str, str]:
