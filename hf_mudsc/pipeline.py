@@ -47,7 +47,7 @@ from hf_mudsc.diagnostics import (
     unread_data_warning,
     unread_options_warning,
 )
-from hf_mudsc.errors import MergeInputError, OptionError, parent_label
+from hf_mudsc.errors import CalibrationError, MergeInputError, OptionError, parent_label
 from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_gradients_possible, check_parents, non_finite_refusal
 from hf_mudsc.load.lazy import subset
 from hf_mudsc.load.objects import claimed_for_merge, held_as_given, model_objects
@@ -547,12 +547,12 @@ def merge(
                              base=base_loaded_whole(base, merge_method, streaming=streaming),
                              base_copy=base_copied(found_base, every[0], streaming=streaming), parents=every)
 
-    def check_data(processors: list[Any]) -> None:
+    def check_data(processors: list[Any], problems: Sequence[str | None] = ()) -> None:
         # a method known to read the data, or `auto` given data (every method it may choose that reads data reads
         # the same columns): the columns, before weights
         if needs_data and "config" in first:
             check_calibration_before_weights(calibration, processors, first["config"], merge_options,
-                                             given=processor)
+                                             given=processor, unreadable=problems)
 
     early = [auto_choice] if auto_choice is not None else []  # `auto`'s choice when made before loading
 
@@ -869,7 +869,8 @@ def merge(
         said = merge_warnings(
             relation=relation.relation, method=method, widths={g.name: g.width for g in spec.groups}, parents=count,
             processor_differences=image_processor_differences([p.processor for p in parents]),
-            tokenizer_differences=tokenizer_differences([p.processor for p in parents]), repeats=repeats, **found)
+            tokenizer_differences=tokenizer_differences([p.processor for p in parents], parents[0].model),
+            repeats=repeats, **found)
         missing = missing_part_warning([p.processor for p in parents], spec.inputs)
         return [*said, missing] if missing else said
 
@@ -1502,20 +1503,27 @@ def _check_choice_parents(choice: AutoChoice, models: Sequence[Any]) -> None:
 
 
 def check_calibration_before_weights(calibration: Any, processors: Any, config: Any, options: MergeOptions,
-                                     given: Any = None) -> None:
+                                     given: Any = None, unreadable: Sequence[str | None] = ()) -> None:
     """Refuse calibration data whose columns the parents cannot read (a missing model input, a raw column no parent's
     processor preprocesses) from the first parent's config (or model) and the parents' processors, before any
     weights are read (`hf_mudsc.calibrate.datasets.check_calibration_columns`). merge() and the CLI call it for a
     method that reads the data. `given`: the processor passed to merge(), read instead of the parents' (and named
-    when it cannot read the data)."""
+    when it cannot read the data). `unreadable`: why a parent's tokenizer could not be read (None where it could),
+    said with the refusal when no processor at all could preprocess the data."""
     from hf_mudsc.calibrate.datasets import CALIBRATION, check_calibration_columns, given_processor_role
     from hf_mudsc.calibrate.statistics import check_first_batch
 
     model = config if isinstance(config, PreTrainedModel) else meta_model(config)
-    check_calibration_columns(calibration, given if given is not None else processors,
-                              image_column=options.image_column, text_column=options.text_column,
-                              inputs=spec_for(model).inputs or None, model_config=model.config,
-                              role=given_processor_role(given) if given is not None else CALIBRATION)
+    try:
+        check_calibration_columns(calibration, given if given is not None else processors,
+                                  image_column=options.image_column, text_column=options.text_column,
+                                  inputs=spec_for(model).inputs or None, model_config=model.config,
+                                  role=given_processor_role(given) if given is not None else CALIBRATION)
+    except CalibrationError as error:
+        reason = next((why for why in unreadable if why), None)
+        if given is not None or reason is None or any(p is not None for p in processors):
+            raise
+        raise type(error)(f"{error}. {reason}") from None
     check_first_batch(calibration, model.config, spec_for(model).inputs)
 
 

@@ -9,6 +9,7 @@ and the service import this module before torch is needed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,7 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
                              base=base_loaded_whole(recipe.base, chosen, streaming=lazy),
                              base_copy=base_copied(found_base, every[0], streaming=lazy), parents=every)
 
-    def open_calibration(processors: list[Any]) -> None:
+    def open_calibration(processors: list[Any], problems: Sequence[str | None] = ()) -> None:
         # A Hub dataset is pinned to its commit (recorded in the recipe) and loaded at that commit; opened (not
         # read) once the parents' configurations passed their checks and before their weights are read: a
         # refusal from a config comes first, a spec that does not exist or columns the parents' processors cannot
@@ -94,7 +95,8 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
         opened["data"] = load_calibration_dataset(opened["spec"], token=token)
         if "config" in first and (chosen is None or reads_calibration(chosen, recipe, recipe.calibration,
                                                                       len(recipe.models))):
-            check_calibration_before_weights(opened["data"], processors, first["config"], recipe)
+            check_calibration_before_weights(opened["data"], processors, first["config"], recipe,
+                                             unreadable=problems)
 
     # As merge() would: a tensor-wise method's parents after the first (and the base) are read one tensor at a time.
     lazy = streams_parents(chosen, recipe, recipe.calibration, len(recipe.models))

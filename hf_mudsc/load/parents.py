@@ -71,6 +71,7 @@ from hf_mudsc.load.processors import (
     processor_from_name,
     refuse_unsavable_chat_templates,
     tokenizer_of,
+    unreadable_tokenizer,
 )
 from hf_mudsc.load.references import (
     LICENSE_NOT_READ,
@@ -152,6 +153,9 @@ class _Located:
     commit_sha: str | None = None
     model: PreTrainedModel | None = None
     processor: Any | None = None
+    processor_problem: str | None = None
+    """Why its folder's tokenizer could not be read (`processors.unreadable_tokenizer`), said only if raw text needs
+    it (`before_weights`)."""
     weight_files: list[str] = field(default_factory=list)
     use_pickle: bool = False
     loaded: LoadedParent | None = None
@@ -1613,6 +1617,8 @@ def _locate_with_processor(ref: Any, *, token, allow_pickle, cache_dir, for_merg
     located = _locate(ref, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir, for_merge=for_merge)
     if located.folder is not None:
         located.processor = load_processor(located.folder, located.reference)
+        if located.processor is None:
+            located.processor_problem = unreadable_tokenizer(located.folder, located.reference)
     return located
 
 
@@ -1686,7 +1692,7 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
                           cache_dir: str | os.PathLike | None = None, lazy: bool = False,
                           check_config: Callable[[PretrainedConfig | PreTrainedModel, list[Any], Any], None]
                           | None = None,
-                          before_weights: Callable[[list[Any]], None] | None = None,
+                          before_weights: Callable[[list[Any], list[str | None]], None] | None = None,
                           choose_loading: Callable[[list[LoadedParent], Any, LoadedParent | None], bool]
                           | None = None,
                           found_base: Callable[[str], None] | None = None,
@@ -1702,7 +1708,8 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
     first parent's configuration (its model instead, for a parent given as a model), also before any weights, once
     the base is found and checked (the memory check counts it); `parents`: every parent's configuration, parent A's
     first (a parent given as a model or `LoadedParent`: that object); `base`: the base likewise, or None (`unloaded`).
-    `before_weights(processors)`: called with the parents' processors (None where a parent ships none) once every
+    `before_weights(processors, problems)`: called with the parents' processors (None where a parent ships none, or
+    one it cannot read: why, in `problems`, else None) once every
     configuration has passed its checks, before any weights are read (the calibration data is opened and its columns
     checked against the processors there: a config refusal comes before the data is touched, a bad data spec or a
     column no processor can read still before any weights are downloaded). Without
@@ -1742,7 +1749,8 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
                      [unloaded(p) for p in located], None if located_base is None else unloaded(located_base))
     warning = check_vocabularies(located + ([located_base] if located_base is not None else []))
     if before_weights is not None:
-        before_weights([p.loaded.processor if p.loaded is not None else p.processor for p in located])
+        before_weights([p.loaded.processor if p.loaded is not None else p.processor for p in located],
+                       [p.processor_problem for p in located])
     for parent in located + ([located_base] if located_base is not None else []):
         _prepare(parent, token=token, cache_dir=cache_dir)
     for parent in located:

@@ -76,6 +76,34 @@ def load_processor(folder: str | os.PathLike, reference: str | None = None) -> A
     return None
 
 
+#: Tokenizer files that are sentencepiece models: transformers reads them only with the `sentencepiece` library
+#: (converting them to a `tokenizers` backend) when the folder has no `tokenizer.json`.
+SENTENCEPIECE_FILES = ("spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
+
+
+def unreadable_tokenizer(folder: str | os.PathLike, reference: str | None = None) -> str | None:
+    """Why the folder's tokenizer cannot be read, or None: its only tokenizer files are sentencepiece models
+    (XLM-RoBERTa, CamemBERT, T5 fine-tunes saved before `tokenizer.json`) and `sentencepiece` is not installed.
+    `load_processor` then gives None, as for a folder shipping no tokenizer; the reason is said only where raw text
+    must be tokenized with no `processor=` given (`pipeline.check_calibration_before_weights`, before any weights):
+    a merge that needs no tokenizer (no data, a given processor, a base's) is not refused for it."""
+    try:
+        files = set(os.listdir(folder))
+    except OSError:
+        return None
+    models = [name for name in SENTENCEPIECE_FILES if name in files]
+    if not models or files & {"tokenizer.json", "vocab.txt", "vocab.json"}:
+        return None
+    try:
+        import sentencepiece  # noqa: F401 - only whether it is installed
+    except ImportError:
+        return (f"{reference or str(folder)!r} ships its tokenizer as {models[0]} (a sentencepiece model, no "
+                "tokenizer.json), which transformers reads only with the sentencepiece library: install it (pip "
+                "install sentencepiece), pass processor=, or save the tokenizer once as tokenizer.json where it is "
+                "installed (AutoTokenizer.from_pretrained(folder).save_pretrained(folder))")
+    return None
+
+
 # The longest file name most file systems take, in bytes (a chat template is saved as `NAME.jinja`).
 FILE_NAME_MAX_BYTES = 255
 
@@ -210,15 +238,36 @@ def _without_lowercase(section: Any) -> Any:
     return section
 
 
-def _tokenizer_aspects(tokenizer: Any) -> dict[str, str]:
-    """A tokenizer's settings by the name `tokenizer_differences` gives them, each serialised for comparison."""
+def _tokenizing_class(cls: type) -> type:
+    """The class whose code tokenizes for `cls`: a transformers subclass whose own code is only `__init__` and class
+    settings (DistilBertTokenizer: BertTokenizer without token_type_ids, its default lower-casing) tokenizes as its
+    base does; what its settings change is compared on its own (the model inputs, lower-casing, the backend). Only
+    classes of `transformers.models` are read so: a user's subclass may tokenize otherwise from its `__init__`
+    (setting `split_special_tokens`), and stays itself."""
+    while cls.__module__.startswith("transformers.models."):
+        own_code = [name for name, value in vars(cls).items()
+                    if name != "__init__" and (callable(value) or isinstance(value, (staticmethod, classmethod,
+                                                                                       property)))]
+        base = cls.__mro__[1] if len(cls.__mro__) > 1 else object
+        if own_code or base is object or not hasattr(base, "get_vocab") or base.__module__.startswith(
+                "transformers.tokenization_"):
+            return cls
+        cls = base
+    return cls
+
+
+def _tokenizer_aspects(tokenizer: Any, reads: Collection[str] | None = None) -> dict[str, str]:
+    """A tokenizer's settings by the name `tokenizer_differences` gives them, each serialised for comparison;
+    `reads`: the inputs the model reads (its model inputs are compared among those only), None for all."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     serialised = json.loads(backend.to_str()) if backend is not None else {}
-    named_apart = (*_LOCATION_KEYS, *_TOKENIZER_ASPECTS, "do_lower_case", "added_tokens_decoder")
+    named_apart = (*_LOCATION_KEYS, *_TOKENIZER_ASPECTS, "do_lower_case", "added_tokens_decoder", "model_input_names")
     settings = {k: v for k, v in _runs_alike(tokenizer.init_kwargs).items()
                 if k not in named_apart and not k.endswith("_file")}
+    inputs = list(getattr(tokenizer, "model_input_names", None) or [])
     aspects: dict[str, Any] = {
-        "class": type(tokenizer).__name__,
+        "class": _tokenizing_class(type(tokenizer)).__name__,
+        "model inputs (model_input_names)": [n for n in inputs if reads is None or n in reads],
         "lower-casing": bool(tokenizer.init_kwargs.get("do_lower_case")) or _lowercases(serialised.get("normalizer")),
         "vocabulary": sorted(tokenizer.get_vocab().items()),
         **{name: getattr(tokenizer, key, None) for key, name in _TOKENIZER_ASPECTS.items()},
@@ -228,17 +277,37 @@ def _tokenizer_aspects(tokenizer: Any) -> dict[str, str]:
     return {name: json.dumps(value, sort_keys=True, default=str) for name, value in aspects.items()}
 
 
-def tokenizer_differences(processors: Sequence[Any]) -> list[str]:
+def tokenizer_differences(processors: Sequence[Any], reads: Any = None) -> list[str]:
     """What differs between another parent's tokenizer and parent A's (`lower-casing`, `vocabulary`, `max length
     (model_max_length)`, a setting's name, ...): the merged model ships parent A's, so the other parents' tasks are
-    served with its tokenization — said like differing image processors (`diagnostics.processor_warning`)."""
+    served with its tokenization — said like differing image processors (`diagnostics.processor_warning`).
+    `reads`: the model (or its class) the tokenizers feed: an input its forward never takes (DistilBERT and
+    `token_type_ids`) is no difference; None compares every input."""
+    names = _forward_inputs(reads)
     present = [tokenizer_of(p) for p in processors if p is not None]
-    present = [_tokenizer_aspects(t) for t in present if t is not None]
+    present = [_tokenizer_aspects(t, names) for t in present if t is not None]
     if len(present) < 2:
         return []
     first = present[0]
     return sorted({name for other in present[1:] for name in set(first) | set(other)
                    if first.get(name) != other.get(name)})
+
+
+def _forward_inputs(model: Any) -> frozenset[str] | None:
+    """The inputs `model`'s (a model or its class) forward names; None when unknown (no model, or a forward taking
+    only **kwargs)."""
+    if model is None:
+        return None
+    import inspect
+
+    forward = getattr(model if isinstance(model, type) else type(model), "forward", None)
+    try:
+        parameters = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return None
+    named = frozenset(name for name, p in parameters.items()
+                      if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+    return named or None
 
 
 #: What a model reads (`PermutationSpec.inputs`) -> the processor part that prepares it, and how a message names both.
