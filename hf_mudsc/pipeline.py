@@ -37,6 +37,7 @@ from hf_mudsc.apply.repair import RepairReport, repair_model
 from hf_mudsc.architectures import spec_for
 from hf_mudsc.calibrate.correlation import correlations_from
 from hf_mudsc.calibrate.device import resolve_device
+from hf_mudsc.calibrate.layer_inputs import model_input_names
 from hf_mudsc.diagnostics import (
     ADVICE,
     UNALIGNED_RELATIONS,
@@ -863,13 +864,15 @@ def merge(
     relation_text = relation_warning(
         relation.relation, merge_method, refitting=refit_value in ("ridge", "gate"), gated=refit_value == "gate",
         units_correspond=units_correspond(share_in_place(report.matches))) if relation.relation else None
+    reads = model_input_names(parents[0].model)  # a tokenizer's input the merged model never takes is no difference
+
     def warnings_for(method: MergeMethod, **found: Any) -> list[str]:
         """`merge_warnings` for this merge's parents and data, by `method` with what its merge `found`; then the
         part parent A's processor lacks, if any (`missing_part_warning`)."""
         said = merge_warnings(
             relation=relation.relation, method=method, widths={g.name: g.width for g in spec.groups}, parents=count,
             processor_differences=image_processor_differences([p.processor for p in parents]),
-            tokenizer_differences=tokenizer_differences([p.processor for p in parents], parents[0].model),
+            tokenizer_differences=tokenizer_differences([p.processor for p in parents], reads),
             repeats=repeats, **found)
         missing = missing_part_warning([p.processor for p in parents], spec.inputs)
         return [*said, missing] if missing else said

@@ -610,7 +610,7 @@ def _refit_copies(located: Sequence[Any], streaming: bool, refit: str) -> list[s
     """The letters of the model objects given that the refit runs as a deep copy (`apply.refit.copied_for_refit`: one
     holding some module of an earlier parent), less those the merge copies anyway to parent A's label order (their
     copy shares nothing): each is held once more while the refit runs. Parents named by reference load apart. None
-    for a refit that replays no parent (`apply.refit.REPLAYING_REFITS`: REPAIR, no refit)."""
+    (empty) for a refit that replays no parent (`apply.refit.REPLAYING_REFITS`: REPAIR, no refit)."""
     if refit not in REFITTING:  # no refit runs: nothing of the refit's imported (torch)
         return []
     import torch
@@ -620,7 +620,6 @@ def _refit_copies(located: Sequence[Any], streaming: bool, refit: str) -> list[s
 
     if refit not in REPLAYING_REFITS:
         return []
-
     held = [(index, parent.model if parent.model is not None else (parent.loaded.model if parent.loaded else None))
             for index, parent in enumerate(located)]
     held = [(index, model) for index, model in held if isinstance(model, torch.nn.Module)]

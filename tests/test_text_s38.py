@@ -10,7 +10,7 @@ import re
 import datasets
 import pytest
 import torch
-from factories import fine_tune, randomize
+from factories import fine_tune, make_model, randomize
 from huggingface_hub import ModelCard
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
@@ -29,6 +29,7 @@ from transformers import (
 )
 
 import hf_mudsc
+from hf_mudsc.calibrate.layer_inputs import model_input_names
 from hf_mudsc.cli.main import main
 from hf_mudsc.errors import ParentMismatchError
 from hf_mudsc.load.processors import tokenizer_differences
@@ -105,10 +106,11 @@ def test_a_bert_and_a_distilbert_tokenizer_differ_for_a_model_that_reads_token_t
     pairs get segment ids from A's tokenizer only, and ELECTRA reads them."""
     vocab = {w: i for i, w in enumerate(WORDS)}
     pair = [BertTokenizerFast(vocab=vocab), DistilBertTokenizerFast(vocab=vocab)]
-    assert tokenizer_differences(pair, reads=ElectraForSequenceClassification) == ["model inputs (model_input_names)"]
-    assert tokenizer_differences(pair, reads=DistilBertForSequenceClassification) == []
+    electra, distilbert = (model_input_names(make_model(kind)) for kind in ("electra_cls", "distilbert_cls"))
+    assert tokenizer_differences(pair, reads=electra) == ["model inputs (model_input_names)"]
+    assert tokenizer_differences(pair, reads=distilbert) == []
     named = DistilBertTokenizerFast(vocab=vocab, model_input_names=["input_ids", "token_type_ids", "attention_mask"])
-    assert tokenizer_differences([pair[1], named], reads=DistilBertForSequenceClassification) == []
+    assert tokenizer_differences([pair[1], named], reads=distilbert) == []
 
 
 

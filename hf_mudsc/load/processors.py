@@ -277,37 +277,19 @@ def _tokenizer_aspects(tokenizer: Any, reads: Collection[str] | None = None) -> 
     return {name: json.dumps(value, sort_keys=True, default=str) for name, value in aspects.items()}
 
 
-def tokenizer_differences(processors: Sequence[Any], reads: Any = None) -> list[str]:
+def tokenizer_differences(processors: Sequence[Any], reads: Collection[str] | None = None) -> list[str]:
     """What differs between another parent's tokenizer and parent A's (`lower-casing`, `vocabulary`, `max length
     (model_max_length)`, a setting's name, ...): the merged model ships parent A's, so the other parents' tasks are
     served with its tokenization — said like differing image processors (`diagnostics.processor_warning`).
-    `reads`: the model (or its class) the tokenizers feed: an input its forward never takes (DistilBERT and
-    `token_type_ids`) is no difference; None compares every input."""
-    names = _forward_inputs(reads)
+    `reads`: the inputs the model the tokenizers feed takes (`calibrate.layer_inputs.model_input_names`): an input it
+    never takes (DistilBERT and `token_type_ids`) is no difference; None (or none named) compares every input."""
     present = [tokenizer_of(p) for p in processors if p is not None]
-    present = [_tokenizer_aspects(t, names) for t in present if t is not None]
+    present = [_tokenizer_aspects(t, reads or None) for t in present if t is not None]
     if len(present) < 2:
         return []
     first = present[0]
     return sorted({name for other in present[1:] for name in set(first) | set(other)
                    if first.get(name) != other.get(name)})
-
-
-def _forward_inputs(model: Any) -> frozenset[str] | None:
-    """The inputs `model`'s (a model or its class) forward names; None when unknown (no model, or a forward taking
-    only **kwargs)."""
-    if model is None:
-        return None
-    import inspect
-
-    forward = getattr(model if isinstance(model, type) else type(model), "forward", None)
-    try:
-        parameters = inspect.signature(forward).parameters
-    except (TypeError, ValueError):
-        return None
-    named = frozenset(name for name, p in parameters.items()
-                      if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
-    return named or None
 
 
 #: What a model reads (`PermutationSpec.inputs`) -> the processor part that prepares it, and how a message names both.
